@@ -1,0 +1,269 @@
+"""Running ``handle_job`` inside a worker process: serially, on threads, or on an event loop.
+
+An executor takes batches from a :class:`JobQueue` (filled by the worker's I/O thread) and
+reports results to a :class:`Results` box (drained by the I/O thread). It never touches a
+socket, so heartbeats and acknowledgements keep flowing while a job runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import pickle
+import threading
+import time
+import traceback as tb_module
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+MAX_TRACEBACK_CHARS = 8000
+# Within a long batch, report finished jobs at least this often so the master's ledger and
+# progress move on, and a crash re-runs little.
+ACK_INTERVAL_S = 0.05
+
+_loads = pickle.loads
+_monotonic = time.monotonic
+
+
+@dataclass(slots=True)
+class Batch:
+    seq: int
+    ids: int | list[int]
+    payloads: list[bytes]
+
+    def job_id(self, offset: int) -> int:
+        ids = self.ids
+        return ids + offset if isinstance(ids, int) else ids[offset]
+
+
+class JobQueue:
+    """Batches from the I/O thread to the executor; ``close()`` ends the executor's loop."""
+
+    def __init__(self) -> None:
+        self._batches: collections.deque[Batch] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put(self, batch: Batch) -> None:
+        with self._cond:
+            self._batches.append(batch)
+            self._cond.notify()
+
+    def get(self, timeout: float | None = None) -> Batch | None:
+        with self._cond:
+            while not self._batches and not self._closed:
+                if not self._cond.wait(timeout):
+                    return None
+            return self._batches.popleft() if self._batches else None
+
+    def clear(self) -> int:
+        """Drop batches not yet started; return how many jobs were dropped."""
+        with self._cond:
+            dropped = sum(len(b.payloads) for b in self._batches)
+            self._batches.clear()
+            return dropped
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def describe_exception(exc: BaseException) -> tuple[str, str, str]:
+    text = "".join(tb_module.format_exception(exc))
+    if len(text) > MAX_TRACEBACK_CHARS:
+        text = "…" + text[-MAX_TRACEBACK_CHARS:]
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<unprintable message>"
+    return type(exc).__name__, message[:4000], text
+
+
+class Results:
+    """What finished, waiting for the I/O thread: ok runs, failures and timing.
+
+    ``running`` maps job id → start time for the heartbeat and the ``--timeout`` watchdog.
+    """
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self.ok: collections.deque[tuple[int, int, int]] = collections.deque()
+        self.failed: collections.deque[tuple[int, int, str, str, str]] = collections.deque()
+        self.finished = 0  # jobs finished, ok or not (read by the I/O thread for credit)
+        self.busy_s = 0.0  # wall time spent with at least one job running
+        self.running: dict[int, tuple[float, int]] = {}
+        self._wake = wake
+
+    def post(self) -> None:
+        self._wake()
+
+
+class SerialExecutor:
+    """One job at a time on the calling (main) thread: the fastest path for CPU-bound jobs."""
+
+    def __init__(self, handle_job: Callable[[Any], Any]) -> None:
+        self.handle_job = handle_job
+
+    def run(self, queue: JobQueue, results: Results) -> None:
+        handle = self.handle_job
+        running = results.running
+        while True:
+            batch = queue.get()
+            if batch is None:
+                return
+            seq, payloads = batch.seq, batch.payloads
+            contiguous = isinstance(batch.ids, int)
+            started = last_post = _monotonic()
+            run_start = 0  # offset where the current run of successes began
+            offset = 0
+            for offset, payload in enumerate(payloads):
+                job_id = batch.job_id(offset)
+                now = _monotonic()
+                running[job_id] = (now, seq)
+                try:
+                    handle(_loads(payload))
+                except Exception as exc:
+                    self._flush_run(results, batch, run_start, offset, contiguous)
+                    results.failed.append((seq, job_id, *describe_exception(exc)))
+                    run_start = offset + 1
+                del running[job_id]
+                if now - last_post > ACK_INTERVAL_S:
+                    self._flush_run(results, batch, run_start, offset + 1, contiguous)
+                    run_start = offset + 1
+                    results.busy_s += _monotonic() - started
+                    started = last_post = _monotonic()
+                    results.post()
+            self._flush_run(results, batch, run_start, len(payloads), contiguous)
+            results.busy_s += _monotonic() - started
+            results.post()
+
+    @staticmethod
+    def _flush_run(results: Results, batch: Batch, start: int, end: int, contiguous: bool) -> None:
+        if end <= start:
+            return
+        if contiguous:
+            results.ok.append((batch.seq, batch.job_id(start), end - start))
+        else:
+            for offset in range(start, end):
+                results.ok.append((batch.seq, batch.job_id(offset), 1))
+        results.finished += end - start
+
+
+class _Concurrent:
+    """Shared bookkeeping for executors that run several jobs at once."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._lock = threading.Lock()
+        self._active = 0
+        self._active_since = 0.0
+
+    def _started(self, results: Results, seq: int, job_id: int) -> None:
+        now = _monotonic()
+        with self._lock:
+            if self._active == 0:
+                self._active_since = now
+            self._active += 1
+            results.running[job_id] = (now, seq)
+
+    def _ended(self, results: Results, seq: int, job_id: int, exc: BaseException | None) -> None:
+        now = _monotonic()
+        with self._lock:
+            results.running.pop(job_id, None)
+            self._active -= 1
+            if self._active == 0:
+                results.busy_s += now - self._active_since
+            if exc is None:
+                results.ok.append((seq, job_id, 1))
+            else:
+                results.failed.append((seq, job_id, *describe_exception(exc)))
+            results.finished += 1
+        results.post()
+
+
+class ThreadExecutor(_Concurrent):
+    """``--threads N``: up to N jobs at once on a thread pool (IO-bound jobs)."""
+
+    def __init__(self, handle_job: Callable[[Any], Any], threads: int) -> None:
+        super().__init__(threads)
+        self.handle_job = handle_job
+
+    def run(self, queue: JobQueue, results: Results) -> None:
+        slots = threading.BoundedSemaphore(self.slots)
+        with ThreadPoolExecutor(self.slots, thread_name_prefix="taskmaster-job") as pool:
+            while True:
+                batch = queue.get()
+                if batch is None:
+                    return
+                for offset, payload in enumerate(batch.payloads):
+                    slots.acquire()
+                    pool.submit(self._one, results, slots, batch.seq, batch.job_id(offset), payload)
+
+    def _one(self, results: Results, slots: threading.BoundedSemaphore, seq: int, job_id: int, payload: bytes) -> None:
+        self._started(results, seq, job_id)
+        error: BaseException | None = None
+        try:
+            self.handle_job(_loads(payload))
+        except Exception as exc:
+            error = exc
+        finally:
+            slots.release()
+        self._ended(results, seq, job_id, error)
+
+
+class AsyncExecutor(_Concurrent):
+    """An ``async def handle_job``: up to ``--concurrency`` jobs at once on one event loop."""
+
+    def __init__(self, handle_job: Callable[[Any], Any], concurrency: int) -> None:
+        super().__init__(concurrency)
+        self.handle_job = handle_job
+
+    def run(self, queue: JobQueue, results: Results) -> None:
+        asyncio.run(self._main(queue, results))
+
+    async def _main(self, queue: JobQueue, results: Results) -> None:
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.slots)
+        tasks: set[asyncio.Task[None]] = set()
+        while True:
+            batch = queue.get(0) or await loop.run_in_executor(None, queue.get)
+            if batch is None:
+                break
+            for offset, payload in enumerate(batch.payloads):
+                await slots.acquire()
+                task = loop.create_task(self._one(results, slots, batch.seq, batch.job_id(offset), payload))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _one(self, results: Results, slots: asyncio.Semaphore, seq: int, job_id: int, payload: bytes) -> None:
+        self._started(results, seq, job_id)
+        error: BaseException | None = None
+        try:
+            await self.handle_job(_loads(payload))
+        except Exception as exc:
+            error = exc
+        finally:
+            slots.release()
+        self._ended(results, seq, job_id, error)
+
+
+def make_executor(handle_job: Callable[[Any], Any], *, threads: int = 1, concurrency: int = 1) -> SerialExecutor | ThreadExecutor | AsyncExecutor:
+    import inspect
+
+    if inspect.iscoroutinefunction(handle_job):
+        return AsyncExecutor(handle_job, max(1, concurrency))
+    if threads > 1:
+        return ThreadExecutor(handle_job, threads)
+    return SerialExecutor(handle_job)
+
+
+def executor_slots(executor: SerialExecutor | ThreadExecutor | AsyncExecutor) -> int:
+    return executor.slots if isinstance(executor, _Concurrent) else 1

@@ -1,0 +1,358 @@
+"""Pull jobs from ``get_jobs`` on a thread of its own into a bounded buffer of pickled chunks.
+
+The feeder numbers jobs in generator order (the job id), pickles each one, and hands them to
+the master in chunks of consecutive ids. A slow generator only delays the chunks, never the
+master's network loop; a fast one never gets more than ``size`` jobs ahead of the workers.
+No zmq here.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import pickle
+import threading
+import time
+import traceback as tb_module
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+MAX_CHUNK = 4096
+# A chunk is handed over once it took this long to pull, so a slow generator's jobs still
+# reach workers promptly.
+CHUNK_FLUSH_S = 0.005
+REPLAY_STEP = 100_000
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Consecutive jobs: ids ``first_id …`` (or the explicit ``ids``) with their pickles."""
+
+    first_id: int
+    payloads: list[bytes]
+    ids: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    def split(self, n: int) -> Chunk:
+        """Cut off and return the first ``n`` jobs."""
+        head = Chunk(self.first_id, self.payloads[:n], self.ids[:n] if self.ids else None)
+        del self.payloads[:n]
+        if self.ids is not None:
+            del self.ids[:n]
+            self.first_id = self.ids[0] if self.ids else self.first_id
+        else:
+            self.first_id += n
+        return head
+
+    def id_list(self) -> list[int]:
+        return self.ids if self.ids is not None else list(
+            range(self.first_id, self.first_id + len(self.payloads))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BadJob:
+    """A job that could not be sent: unpicklable or too large."""
+
+    job_id: int
+    job_repr: str
+    error: str
+    message: str
+
+
+@dataclass
+class GeneratorFailure:
+    job_id: int
+    error: str
+    message: str
+    traceback: str
+
+
+def safe_repr(obj: object, limit: int = 200) -> str:
+    try:
+        text = repr(obj)
+    except Exception as exc:  # a user's __repr__ may raise anything
+        text = f"<unrepresentable {type(obj).__name__}: {exc}>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass
+class FeederStats:
+    produced: int = 0  # jobs pulled from the generator (including skipped ones)
+    replayed: int = 0  # jobs skipped because they were already done
+    bad: list[BadJob] = field(default_factory=list)
+
+
+class Feeder(threading.Thread):
+    """Pulls ``jobs`` (an iterable, started lazily on the thread) into a bounded buffer.
+
+    ``start_id`` is the id of the first job the iterable yields. Jobs whose id satisfies
+    ``skip`` are consumed and dropped (already done before a resume). ``on_ready`` is called
+    (from the feeder thread) after each chunk while the master waits for jobs.
+    """
+
+    def __init__(
+        self,
+        jobs: Callable[[], Iterable[object]] | Iterable[tuple[int, bytes]],
+        *,
+        size: int,
+        start_id: int = 0,
+        skip_below: int = 0,
+        skip: Callable[[int], bool] | None = None,
+        skip_until: int = 0,
+        max_job_bytes: int = 64 * 1024 * 1024,
+        on_ready: Callable[[], None] | None = None,
+        prepickled: bool = False,
+    ) -> None:
+        super().__init__(name="taskmaster-feeder", daemon=True)
+        self._jobs = jobs
+        self.size = size
+        self._next_id = start_id
+        self._skip_below = skip_below
+        self._skip = skip
+        self._skip_until = max(skip_until, skip_below)
+        self._max_job_bytes = max_job_bytes
+        self._on_ready = on_ready
+        self._prepickled = prepickled
+        self._chunks: collections.deque[Chunk] = collections.deque()
+        self._buffered = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self.exhausted = False
+        self.failure: GeneratorFailure | None = None
+        self.first_payload: bytes | None = None
+        self.stats = FeederStats()
+        self.waiting = False  # set by the master when it has credit and no jobs
+        self._bad: list[BadJob] = []
+        self.replaying = False
+
+    # -- master side ---------------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    @property
+    def done(self) -> bool:
+        """The generator is finished (or failed) and every chunk has been taken."""
+        return self.exhausted and not self._buffered
+
+    def take(self, n: int) -> list[Chunk]:
+        """Remove up to ``n`` jobs from the buffer, as chunks of consecutive ids."""
+        out: list[Chunk] = []
+        with self._cond:
+            chunks = self._chunks
+            while n > 0 and chunks:
+                head = chunks[0]
+                if len(head) <= n:
+                    chunks.popleft()
+                else:
+                    head = head.split(n)
+                n -= len(head)
+                self._buffered -= len(head)
+                # Merge with the previous chunk when ids continue, so one message carries both.
+                if out and out[-1].ids is None and head.ids is None and (
+                    out[-1].first_id + len(out[-1]) == head.first_id
+                ):
+                    out[-1].payloads.extend(head.payloads)
+                else:
+                    out.append(head)
+            self._cond.notify()
+        return out
+
+    def peek_first(self) -> tuple[int, bytes] | None:
+        """The lowest buffered job (id, payload): the resume point if nothing is leased."""
+        with self._cond:
+            if not self._chunks:
+                return None
+            head = self._chunks[0]
+            return (head.ids[0] if head.ids else head.first_id), head.payloads[0]
+
+    @property
+    def next_id(self) -> int:
+        return self._next_id
+
+    def drain_bad(self) -> list[BadJob]:
+        with self._cond:
+            bad, self._bad = self._bad, []
+        return bad
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+
+    # -- feeder thread -------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            if self._prepickled:
+                self._feed_prepickled(iter(self._jobs))  # type: ignore[arg-type]
+            else:
+                assert callable(self._jobs)
+                self._feed(iter(self._jobs()))
+        except _Stopped:
+            return
+        except BaseException as exc:  # the user's generator may raise anything
+            self.failure = GeneratorFailure(
+                self._next_id,
+                type(exc).__name__,
+                str(exc)[:4096],
+                "".join(tb_module.format_exception(exc))[-16384:],
+            )
+            logger.error("get_jobs raised at job=%d: %s: %s", self._next_id, type(exc).__name__, exc)
+        finally:
+            with self._cond:
+                self.exhausted = True
+            self._notify_master()
+
+    def _wait_for_room(self) -> int:
+        with self._cond:
+            while self._buffered >= self.size and not self._stop:
+                self._cond.wait()
+            if self._stop:
+                raise _Stopped
+            return self.size - self._buffered
+
+    def _feed(self, jobs: Iterator[object]) -> None:
+        if self._next_id < self._skip_below:
+            self._replay(jobs)
+        want = 1
+        while True:
+            room = self._wait_for_room()
+            started = time.perf_counter()
+            items = list(itertools.islice(jobs, min(want, room, MAX_CHUNK)))
+            if not items:
+                return
+            elapsed = time.perf_counter() - started
+            # Grow chunks while the generator is fast, shrink them when it is slow.
+            if elapsed < CHUNK_FLUSH_S:
+                want = min(want * 2, MAX_CHUNK)
+            elif elapsed > 10 * CHUNK_FLUSH_S:
+                want = max(1, want // 2)
+            self._put(items)
+
+    def _replay(self, jobs: Iterator[object]) -> None:
+        """Consume the already-done prefix without pickling or sending it."""
+        self.replaying = True
+        started = time.perf_counter()
+        todo = self._skip_below - self._next_id
+        while todo > 0:
+            if self._stop:
+                raise _Stopped
+            step = min(todo, REPLAY_STEP)
+            got = sum(1 for _ in itertools.islice(jobs, step))
+            self._next_id += got
+            self.stats.replayed += got
+            self.stats.produced += got
+            todo -= step
+            if got < step:
+                break
+        elapsed = time.perf_counter() - started
+        logger.info(
+            "replayed %d done jobs in %.1fs (%.0f/s) to reach the resume point",
+            self.stats.replayed,
+            elapsed,
+            self.stats.replayed / elapsed if elapsed else 0.0,
+        )
+        self.replaying = False
+
+    def _put(self, items: list[object]) -> None:
+        first_id = self._next_id
+        self._next_id += len(items)
+        self.stats.produced += len(items)
+        try:
+            payloads = [pickle.dumps(job, PICKLE_PROTOCOL) for job in items]
+        except Exception:
+            payloads = []
+        if len(payloads) == len(items) and max(map(len, payloads)) <= self._max_job_bytes:
+            if first_id == 0:
+                self.first_payload = payloads[0]
+            if not self._any_skipped(first_id, len(items)):
+                self._push(Chunk(first_id, payloads))
+                return
+        self._put_slowly(first_id, items, payloads)
+
+    def _any_skipped(self, first_id: int, n: int) -> bool:
+        if first_id >= self._skip_until:
+            return False
+        if first_id + n <= self._skip_below:
+            return True
+        if self._skip is None:
+            return first_id < self._skip_below
+        return any(self._skip(i) for i in range(first_id, first_id + n))
+
+    def _put_slowly(self, first_id: int, items: list[object], payloads: list[bytes]) -> None:
+        """Per-job path: skip done ids, record unpicklable or oversized jobs, keep the rest."""
+        run_ids: list[int] = []
+        run_payloads: list[bytes] = []
+        for offset, job in enumerate(items):
+            job_id = first_id + offset
+            if job_id < self._skip_below or (self._skip is not None and self._skip(job_id)):
+                self.stats.replayed += 1
+                continue
+            payload = payloads[offset] if payloads else self._pickle_one(job_id, job)
+            if payload is None:
+                continue
+            if len(payload) > self._max_job_bytes:
+                self._record_bad(
+                    BadJob(
+                        job_id,
+                        safe_repr(job),
+                        "JobTooLarge",
+                        f"pickled job is {len(payload):,} bytes, over --max-job-bytes "
+                        f"{self._max_job_bytes:,}",
+                    )
+                )
+                continue
+            if job_id == 0:
+                self.first_payload = payload
+            run_ids.append(job_id)
+            run_payloads.append(payload)
+        if run_ids:
+            contiguous = run_ids[-1] - run_ids[0] + 1 == len(run_ids)
+            self._push(Chunk(run_ids[0], run_payloads, None if contiguous else run_ids))
+
+    def _pickle_one(self, job_id: int, job: object) -> bytes | None:
+        try:
+            return pickle.dumps(job, PICKLE_PROTOCOL)
+        except Exception as exc:
+            self._record_bad(BadJob(job_id, safe_repr(job), "UnpicklableJob", f"{type(exc).__name__}: {exc}"))
+            return None
+
+    def _record_bad(self, bad: BadJob) -> None:
+        logger.warning("job=%d cannot be sent: %s", bad.job_id, bad.message)
+        with self._cond:
+            self._bad.append(bad)
+        self._notify_master()
+
+    def _feed_prepickled(self, jobs: Iterator[tuple[int, bytes]]) -> None:
+        """``--retry-failed``: jobs come from the failures table, already pickled."""
+        while True:
+            room = self._wait_for_room()
+            batch = list(itertools.islice(jobs, min(room, MAX_CHUNK)))
+            if not batch:
+                return
+            self.stats.produced += len(batch)
+            self._push(Chunk(batch[0][0], [p for _, p in batch], [i for i, _ in batch]))
+
+    def _push(self, chunk: Chunk) -> None:
+        with self._cond:
+            self._chunks.append(chunk)
+            self._buffered += len(chunk)
+        if self.waiting:
+            self._notify_master()
+
+    def _notify_master(self) -> None:
+        if self._on_ready is not None:
+            self._on_ready()
+
+
+class _Stopped(Exception):
+    """Raised inside the feeder thread when the master stops it."""

@@ -1,0 +1,362 @@
+"""Assembling the parts: a master from options, workers, ``tm-spawn`` and ``tm-run``.
+
+The CLI and the Python API both come here; this module neither parses argv nor exits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import pickle
+import signal
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import security
+from .errors import TaskmasterError, UsageError
+from .feeder import Feeder
+from .ledger import CompletedSet, Ledger
+from .master import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Master, MasterConfig
+from .progress import Reporter, Summary, make_reporter
+from .protocol import PROTOCOL_VERSION
+from .supervisor import Supervisor
+from .targets import accepts_last
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = Path(".taskmaster")
+
+
+def default_state_path(label: str, kwargs: dict[str, str]) -> Path:
+    """``.taskmaster/<target>[-<kwargs hash>].db``: each set of kwargs resumes on its own."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    if kwargs:
+        digest = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:10]
+        name += f"-{digest}"
+    return STATE_DIR / f"{name}.db"
+
+
+@dataclass
+class MasterOptions:
+    get_jobs: Callable[..., Iterable[Any]]
+    count_jobs: Callable[..., Any] | None = None
+    kwargs: dict[str, str] = field(default_factory=dict)
+    label: str = "tasks"
+    state_path: Path | None = None
+    address: str = security.DEFAULT_ADDRESS
+    secret: str | None = None
+    secret_file: str | None = None
+    config: MasterConfig = field(default_factory=MasterConfig)
+    reset: bool = False
+    retry_failed: bool = False
+    progress: str = "auto"
+    workers_table: bool = False
+    failures_hint: str = "tm failures tasks.py"
+    stream: Any = None
+
+
+@dataclass
+class WorkerOptions:
+    handle_job: Callable[[Any], Any]
+    init_worker: Callable[[], Any] | None = None
+    address: str = security.DEFAULT_ADDRESS
+    secret: str | None = None
+    secret_file: str | None = None
+    wait_s: float = 60.0
+    threads: int = 1
+    concurrency: int = 1
+
+
+@dataclass
+class Outcome:
+    """What a master run ended with: the exit status and the summary shown."""
+
+    status: int
+    summary: Summary | None
+
+
+def _identity(options: MasterOptions) -> dict[str, Any]:
+    return {"target": options.label, "kwargs": options.kwargs, "protocol": PROTOCOL_VERSION}
+
+
+def _total(options: MasterOptions) -> int | None:
+    if options.config.total is not None:
+        return options.config.total
+    if options.count_jobs is None:
+        return None
+    try:
+        total = options.count_jobs(**options.kwargs)
+        return int(total) if total is not None else None
+    except Exception as exc:
+        logger.warning("count_jobs() failed, running without a total: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def _resume_jobs(options: MasterOptions, ledger: Ledger) -> tuple[Callable[[], Iterable[Any]], int]:
+    """Decide how to restart ``get_jobs``: return the iterable factory and the first id."""
+    cp = ledger.checkpoint_row
+    kwargs = options.kwargs
+    get_jobs = options.get_jobs
+    if ledger.fresh or (cp.watermark == 0 and not cp.ranges):
+        return (lambda: get_jobs(**kwargs)), 0
+    if cp.resume_job is None or not accepts_last(get_jobs):
+        logger.warning(
+            "get_jobs() takes no `last`: replaying %d done jobs from the start to resume", cp.watermark
+        )
+        return (lambda: get_jobs(**kwargs)), 0
+    last = pickle.loads(cp.resume_job)
+    jobs = iter(get_jobs(last=last, **kwargs))
+    try:
+        first = next(jobs)
+    except StopIteration:
+        return (lambda: iter(())), cp.resume_id
+    first_payload = pickle.dumps(first, pickle.HIGHEST_PROTOCOL)
+    chained: Iterator[Any] = itertools.chain([first], jobs)
+    if first_payload == cp.resume_job:
+        logger.info("resuming at job=%d (watermark %d)", cp.resume_id, cp.watermark)
+        return (lambda: chained), cp.resume_id
+    if cp.first_job is not None and first_payload == cp.first_job:
+        logger.warning(
+            "get_jobs(last=…) started from the beginning again (it ignores `last`): "
+            "replaying %d done jobs instead of re-running them",
+            cp.watermark,
+        )
+        return (lambda: chained), 0
+    logger.error(
+        "get_jobs(last=%r) yielded %r first, which is neither the job to resume at nor the "
+        "first job of the run: get_jobs must yield `last` first. Numbering jobs from %d as if "
+        "it did; check the results",
+        last,
+        first,
+        cp.resume_id,
+    )
+    return (lambda: chained), cp.resume_id
+
+
+def serve_master(options: MasterOptions, *, on_bound: Callable[[str], None] | None = None) -> Outcome:
+    """Run a master to completion (or interruption) and return its outcome."""
+    security.check_libzmq()
+    address = security.normalize_address(options.address)
+    secret = options.secret or security.master_secret(address, options.secret_file)
+    keys = security.derive_keys(secret)
+    state_path = options.state_path or default_state_path(options.label, options.kwargs)
+    reporter = make_reporter(options.progress, stream=options.stream, workers_table=options.workers_table)
+    ledger = Ledger.open(state_path, _identity(options), reset=options.reset)
+    try:
+        return _serve(options, ledger, keys, address, reporter, on_bound)
+    finally:
+        ledger.close()
+
+
+def _already_complete(ledger: Ledger, reporter: Reporter, options: MasterOptions) -> Outcome:
+    cp = ledger.checkpoint_row
+    summary = Summary(
+        done=cp.done, failed=cp.failed, duplicates=cp.duplicates, retried=cp.retried,
+        elapsed_s=0.0, done_this_run=0, state_path=str(ledger.path),
+        failures_hint=options.failures_hint, interrupted=False, already_complete=True,
+    )  # fmt: skip
+    reporter.finish(summary, None)
+    return Outcome(EXIT_FAILED if cp.failed else EXIT_OK, summary)
+
+
+def _serve(
+    options: MasterOptions,
+    ledger: Ledger,
+    keys: security.Keys,
+    address: str,
+    reporter: Reporter,
+    on_bound: Callable[[str], None] | None,
+) -> Outcome:
+    from .transport import MasterTransport
+
+    cp = ledger.checkpoint_row
+    if options.reset and not ledger.fresh:
+        logger.warning("--reset: discarded the previous state")
+    retrying: dict[int, int] | None = None
+    config = options.config
+    wake: list[Callable[[], None]] = []
+
+    def on_ready() -> None:
+        if wake:
+            wake[0]()
+
+    if options.retry_failed:
+        failures = [f for f in ledger.failures() if f.job is not None]
+        if not failures:
+            logger.warning("no recorded failures with a stored job to retry")
+        retrying = {f.job_id: f.attempts for f in failures}
+        items = [(f.job_id, f.job) for f in failures if f.job is not None]
+        feeder = Feeder(items, size=config.size, max_job_bytes=config.max_job_bytes, on_ready=on_ready, prepickled=True)
+    else:
+        if cp.exhausted:
+            return _already_complete(ledger, reporter, options)
+        jobs, start_id = _resume_jobs(options, ledger)
+        frozen = CompletedSet(ledger.completed.watermark, ledger.completed.ranges())
+        feeder = Feeder(
+            jobs, size=config.size, start_id=start_id, skip_below=frozen.watermark,
+            skip=frozen.__contains__, skip_until=frozen.highest,
+            max_job_bytes=config.max_job_bytes, on_ready=on_ready,
+        )  # fmt: skip
+        if config.total is None:
+            config.total = _total(options)
+    transport = MasterTransport(address, keys)
+    wake.append(transport.wake)
+    try:
+        if on_bound is not None:
+            on_bound(transport.address)
+        logger.info("master listening on %s, state %s", transport.address, ledger.path)
+        master = Master(transport, feeder, ledger, config, reporter=reporter, retry_attempts=retrying, failures_hint=options.failures_hint)
+        if retrying is not None:
+            master.state.total = len(retrying)
+        master.install_signal_handlers()
+        try:
+            status = master.run()
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        summary = master.summary()
+        last = master.snapshot(master.clock())
+        reporter.finish(summary, last)
+        if feeder.failure is not None:
+            print(
+                f"get_jobs raised at job {feeder.failure.job_id}: the jobs before it are done; "
+                "run the same command again to resume there\n" + feeder.failure.traceback,
+                file=sys.stderr,
+            )
+            status = status if status == EXIT_INTERRUPTED else EXIT_FAILED
+        return Outcome(status, summary)
+    finally:
+        transport.close()
+
+
+def run_worker(options: WorkerOptions) -> int:
+    """One worker process until the master says the run is over."""
+    from .worker import Worker
+
+    security.check_libzmq()
+    address = security.normalize_address(options.address)
+    secret = options.secret or security.worker_secret(address, options.secret_file)
+    worker = Worker(
+        address, security.derive_keys(secret), options.handle_job,
+        init_worker=options.init_worker, wait_s=options.wait_s,
+        threads=options.threads, concurrency=options.concurrency,
+    )  # fmt: skip
+    return worker.run()
+
+
+def _worker_main(options: WorkerOptions) -> Callable[[int], int]:
+    def main(index: int) -> int:
+        try:
+            return run_worker(options)
+        except TaskmasterError as exc:
+            logger.error("worker: %s", exc)
+            return exc.exit_status
+
+    return main
+
+
+def spawn_workers(options: WorkerOptions, n: int) -> int:
+    """``tm-spawn``: N workers, restarted when one dies; the combined exit status."""
+    if n < 1:
+        raise UsageError("the number of workers must be at least 1")
+    security.check_libzmq()
+    address = security.normalize_address(options.address)
+    options.address = address
+    options.secret = options.secret or security.worker_secret(address, options.secret_file)
+    supervisor = Supervisor(n, _worker_main(options))
+    supervisor.install_signal_handlers()
+    return supervisor.run()
+
+
+def run_all(master: MasterOptions, worker: WorkerOptions, n: int) -> Outcome:
+    """``tm-run``: a master on a free loopback port plus N local workers, one exit status.
+
+    The workers' supervisor is forked before the master starts any thread; it learns the
+    master's address through a pipe once the master has bound its port.
+    """
+    if n < 1:
+        raise UsageError("the number of workers must be at least 1")
+    security.check_libzmq()
+    secret = master.secret or security.generate_secret()
+    master.secret = worker.secret = secret
+    if master.address == security.DEFAULT_ADDRESS:
+        master.address = "tcp://127.0.0.1:*"
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(write_fd)
+        _supervise_after_address(read_fd, worker, n)
+    os.close(read_fd)
+
+    def on_bound(address: str) -> None:
+        os.write(write_fd, address.encode() + b"\n")
+        os.close(write_fd)
+
+    try:
+        outcome = serve_master(master, on_bound=on_bound)
+    except BaseException:
+        _stop_child(pid, wait_first_s=0.0)
+        raise
+    finally:
+        _close_quietly(write_fd)
+    # After END the workers leave by themselves; after an interruption they are told to.
+    _stop_child(pid, wait_first_s=0.0 if outcome.status == EXIT_INTERRUPTED else 5.0)
+    return outcome
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _supervise_after_address(read_fd: int, worker: WorkerOptions, n: int) -> None:
+    status = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides; then it stops us
+        with os.fdopen(read_fd, "rb") as pipe:
+            line = pipe.readline().decode().strip()
+        if not line:
+            os._exit(0)  # the master never bound: nothing to do
+        worker.address = line
+        supervisor = Supervisor(n, _worker_main(worker), watch_parent=True)
+
+        def handler(signum: int, frame: object) -> None:
+            supervisor.request_stop(signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, handler)
+        status = supervisor.run()
+    except BaseException:
+        logger.exception("worker supervisor failed")
+    finally:
+        os._exit(status)
+
+
+def _stop_child(pid: int, wait_first_s: float) -> None:
+    """Stop tm-run's worker supervisor (its workers were told the run is over or paused)."""
+    import time
+
+    deadline = time.monotonic() + wait_first_s
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return
+        time.sleep(0.01)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)

@@ -1,0 +1,477 @@
+"""The run's durable state: one SQLite file per run, written by the master only.
+
+What it knows, exactly (not "the first job queued"): the watermark W (every job id below W is
+resolved: done, or failed and recorded), the ids resolved above W as ranges, the job to pass as
+``last`` on resume, counters, failures with their payloads and tracebacks, and the run's
+identity. Writes are batched: :meth:`Ledger.checkpoint` commits one transaction.
+
+No zmq, no rich here: this module is tested alone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from .errors import LedgerCorrupt, LedgerError, LedgerLocked
+
+SCHEMA_VERSION = 1
+
+_DDL = (
+    """CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS checkpoint (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        watermark INTEGER NOT NULL,
+        resume_id INTEGER NOT NULL,
+        resume_job BLOB,
+        first_job BLOB,
+        ranges BLOB NOT NULL,
+        exhausted INTEGER NOT NULL,
+        generator_error TEXT,
+        done INTEGER NOT NULL,
+        failed INTEGER NOT NULL,
+        duplicates INTEGER NOT NULL,
+        retried INTEGER NOT NULL,
+        total INTEGER,
+        rate REAL NOT NULL,
+        in_flight INTEGER NOT NULL,
+        workers INTEGER NOT NULL,
+        started TEXT,
+        updated TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS failures (
+        job_id INTEGER PRIMARY KEY,
+        job BLOB,
+        job_repr TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        error TEXT NOT NULL,
+        message TEXT NOT NULL,
+        traceback TEXT NOT NULL,
+        worker TEXT NOT NULL,
+        failed_at TEXT NOT NULL
+    )""",
+)
+_TABLES = {"meta", "checkpoint", "failures"}
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class CompletedSet:
+    """Resolved job ids: everything below ``watermark`` plus disjoint ranges above it.
+
+    Ranges are half-open ``[start, end)`` kept sorted in two parallel lists; completions mostly
+    arrive as whole contiguous batches, so the number of ranges stays near the number of
+    batches in flight, not the number of jobs.
+    """
+
+    __slots__ = ("watermark", "_starts", "_ends")
+
+    def __init__(self, watermark: int = 0, ranges: Iterable[tuple[int, int]] = ()) -> None:
+        self.watermark = watermark
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        for start, end in ranges:
+            self.add(start, end - start)
+
+    def add(self, start: int, count: int) -> int:
+        """Mark ``[start, start+count)`` resolved; return how many of them were new."""
+        end = start + count
+        if end <= self.watermark:
+            return 0
+        if start < self.watermark:
+            start = self.watermark
+        starts, ends = self._starts, self._ends
+        # Find every range that overlaps or touches [start, end) and merge them.
+        lo = bisect.bisect_left(ends, start)
+        hi = bisect.bisect_right(starts, end)
+        covered = 0
+        new_start, new_end = start, end
+        for i in range(lo, hi):
+            s, e = starts[i], ends[i]
+            covered += max(0, min(e, end) - max(s, start))
+            new_start = min(new_start, s)
+            new_end = max(new_end, e)
+        starts[lo:hi] = [new_start]
+        ends[lo:hi] = [new_end]
+        if starts[0] == self.watermark:
+            self.watermark = ends[0]
+            del starts[0], ends[0]
+        return (end - start) - covered
+
+    def __contains__(self, job_id: int) -> bool:
+        if job_id < self.watermark:
+            return True
+        i = bisect.bisect_right(self._starts, job_id) - 1
+        return i >= 0 and job_id < self._ends[i]
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self._starts, self._ends))
+
+    @property
+    def highest(self) -> int:
+        """One past the highest resolved id."""
+        return self._ends[-1] if self._ends else self.watermark
+
+    @property
+    def resolved_above(self) -> int:
+        return sum(e - s for s, e in zip(self._starts, self._ends))
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint row holds, as the master and ``tm status`` see it."""
+
+    watermark: int = 0
+    resume_id: int = 0
+    resume_job: bytes | None = None
+    first_job: bytes | None = None
+    ranges: list[tuple[int, int]] | None = None
+    exhausted: bool = False
+    generator_error: str | None = None
+    done: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    retried: int = 0
+    total: int | None = None
+    rate: float = 0.0
+    in_flight: int = 0
+    workers: int = 0
+    started: str | None = None
+    updated: str | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    job_id: int
+    job: bytes | None
+    job_repr: str
+    attempts: int
+    error: str
+    message: str
+    traceback: str
+    worker: str
+    failed_at: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "job": self.job_repr,
+            "attempts": self.attempts,
+            "error": self.error,
+            "message": self.message,
+            "traceback": self.traceback,
+            "worker": self.worker,
+            "failed_at": self.failed_at,
+        }
+
+
+def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    if readonly:
+        uri = f"file:{path}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=5)
+    return conn
+
+
+def _check_schema(conn: sqlite3.Connection, path: Path) -> bool:
+    """Return whether the file already holds a taskmaster state; raise if it is unusable."""
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as exc:
+        raise LedgerCorrupt(f"{path}: not a readable taskmaster state file ({exc})") from exc
+    if version > SCHEMA_VERSION:
+        raise LedgerCorrupt(
+            f"{path}: written by a newer taskmaster (schema {version}, this one reads "
+            f"{SCHEMA_VERSION}); upgrade taskmaster"
+        )
+    if not tables:
+        return False
+    if version != SCHEMA_VERSION or not _TABLES <= tables:
+        raise LedgerCorrupt(f"{path}: not a taskmaster state file (unexpected schema)")
+    try:
+        result = conn.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise LedgerCorrupt(f"{path}: corrupt state file ({exc})") from exc
+    if result != "ok":
+        raise LedgerCorrupt(f"{path}: corrupt state file ({result})")
+    return True
+
+
+def _row_to_checkpoint(row: sqlite3.Row | tuple[Any, ...] | None) -> Checkpoint:
+    if row is None:
+        return Checkpoint(ranges=[])
+    (wm, rid, rjob, fjob, ranges, exhausted, gerr, done, failed, dup, retried, total, rate,
+     in_flight, workers, started, updated) = row  # fmt: skip
+    return Checkpoint(
+        watermark=wm,
+        resume_id=rid,
+        resume_job=rjob,
+        first_job=fjob,
+        ranges=[(s, e) for s, e in msgpack.unpackb(ranges)],
+        exhausted=bool(exhausted),
+        generator_error=gerr,
+        done=done,
+        failed=failed,
+        duplicates=dup,
+        retried=retried,
+        total=total,
+        rate=rate,
+        in_flight=in_flight,
+        workers=workers,
+        started=started,
+        updated=updated,
+    )
+
+
+_SELECT_CHECKPOINT = """SELECT watermark, resume_id, resume_job, first_job, ranges, exhausted,
+    generator_error, done, failed, duplicates, retried, total, rate, in_flight, workers,
+    started, updated FROM checkpoint WHERE id = 1"""
+
+
+class MasterLock:
+    """An exclusive ``flock`` beside the state file: the kernel drops it when the holder dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.with_name(path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LedgerLocked(
+                f"another master is running on {self.path.with_suffix('')} ({holder}); "
+                "stop it first, or use --state for a separate run"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def is_held(state_path: Path) -> bool:
+        """Whether some master holds the state now (used by ``tm status``)."""
+        lock_path = state_path.with_name(state_path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+
+class Ledger:
+    """The master's read-write handle on a state file (holds the one-master lock)."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock: MasterLock, fresh: bool):
+        self.path = path
+        self._conn = conn
+        self._lock = lock
+        self.fresh = fresh
+        self.checkpoint_row = _row_to_checkpoint(conn.execute(_SELECT_CHECKPOINT).fetchone())
+        self.completed = CompletedSet(self.checkpoint_row.watermark, self.checkpoint_row.ranges or [])
+        self._pending_failures: list[tuple[Any, ...]] = []
+        self._pending_cleared: list[int] = []
+
+    @classmethod
+    def open(cls, path: Path, identity: dict[str, Any], *, reset: bool = False) -> Ledger:
+        """Open (or create, mode 0600) the state at ``path`` for a master, taking the lock.
+
+        ``reset`` discards a previous run's state. A file that is not a taskmaster state, is
+        corrupt, or comes from a newer version raises :class:`LedgerCorrupt`, never a fresh start.
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = MasterLock(path)
+        lock.acquire()
+        try:
+            if not path.exists():
+                # Create it 0600 before SQLite opens it, so no other user can read the jobs.
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            conn = _connect(path, readonly=False)
+            exists = _check_schema(conn, path)
+            if exists and reset:
+                conn.close()
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{path}{suffix}")
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+                conn = _connect(path, readonly=False)
+                exists = False
+            conn.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL survives any process crash; a power cut can only lose the last
+            # checkpoints, which costs re-runs, never a job.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            if not exists:
+                cls._create(conn, identity)
+            else:
+                cls._check_identity(conn, path, identity)
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(f"{path}{suffix}", 0o600)
+        except BaseException:
+            lock.release()
+            raise
+        return cls(path, conn, lock, fresh=not exists)
+
+    @staticmethod
+    def _create(conn: sqlite3.Connection, identity: dict[str, Any]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        for ddl in _DDL:
+            conn.execute(ddl)
+        conn.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)",
+            [(k, json.dumps(v)) for k, v in identity.items()] + [("created", json.dumps(_now_iso()))],
+        )
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+
+    @staticmethod
+    def _check_identity(conn: sqlite3.Connection, path: Path, identity: dict[str, Any]) -> None:
+        stored = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+        if stored.get("kwargs", identity.get("kwargs")) != identity.get("kwargs"):
+            raise LedgerError(
+                f"{path} belongs to a run with other arguments ({stored.get('kwargs')}); "
+                "use another --state or --reset"
+            )
+
+    # -- the master's updates (in memory until checkpoint) -------------------------------
+
+    def record_failure(
+        self,
+        job_id: int,
+        job: bytes | None,
+        job_repr: str,
+        attempts: int,
+        error: str,
+        message: str,
+        traceback: str,
+        worker: str,
+    ) -> None:
+        """Queue a failure row for the next checkpoint (the caller resolves the id)."""
+        self._pending_failures.append(
+            (job_id, job, job_repr, attempts, error, message, traceback, worker, _now_iso())
+        )
+
+    def clear_failure(self, job_id: int) -> None:
+        """A recorded failure that later succeeded (``--retry-failed``)."""
+        self._pending_cleared.append(job_id)
+
+    def checkpoint(self, state: Checkpoint) -> None:
+        """Commit everything known now in one transaction."""
+        state.watermark = self.completed.watermark
+        state.ranges = self.completed.ranges()
+        state.updated = _now_iso()
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if self._pending_failures:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO failures VALUES (?,?,?,?,?,?,?,?,?)",
+                    self._pending_failures,
+                )
+            if self._pending_cleared:
+                conn.executemany(
+                    "DELETE FROM failures WHERE job_id = ?", [(j,) for j in self._pending_cleared]
+                )
+            conn.execute(
+                "INSERT OR REPLACE INTO checkpoint VALUES "
+                "(1,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    state.watermark,
+                    state.resume_id,
+                    state.resume_job,
+                    state.first_job,
+                    msgpack.packb(state.ranges),
+                    int(state.exhausted),
+                    state.generator_error,
+                    state.done,
+                    state.failed,
+                    state.duplicates,
+                    state.retried,
+                    state.total,
+                    state.rate,
+                    state.in_flight,
+                    state.workers,
+                    state.started,
+                    state.updated,
+                ),
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise LedgerError(f"{self.path}: checkpoint failed: {exc}") from exc
+        self._pending_failures.clear()
+        self._pending_cleared.clear()
+        self.checkpoint_row = state
+
+    def failures(self) -> list[Failure]:
+        return list(_read_failures(self._conn))
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.close()
+        self._lock.release()
+
+
+def _read_failures(conn: sqlite3.Connection) -> Iterator[Failure]:
+    for row in conn.execute(
+        "SELECT job_id, job, job_repr, attempts, error, message, traceback, worker, failed_at "
+        "FROM failures ORDER BY job_id"
+    ):
+        yield Failure(*row)
+
+
+class LedgerView:
+    """A read-only look at a state file, safe while a master writes it (``tm status``)."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.exists():
+            raise LedgerError(f"{path}: no state file (has this run started?)")
+        self.path = path
+        self._conn = _connect(path, readonly=True)
+        if not _check_schema(self._conn, path):
+            raise LedgerCorrupt(f"{path}: empty state file")
+
+    def checkpoint(self) -> Checkpoint:
+        return _row_to_checkpoint(self._conn.execute(_SELECT_CHECKPOINT).fetchone())
+
+    def meta(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
+
+    def failures(self) -> list[Failure]:
+        return list(_read_failures(self._conn))
+
+    def running(self) -> bool:
+        return MasterLock.is_held(self.path)
+
+    def close(self) -> None:
+        self._conn.close()

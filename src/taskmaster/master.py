@@ -1,0 +1,646 @@
+"""The master: one event loop that hands jobs to workers and knows exactly what is done.
+
+``Master.run()`` loops over ``step(now)``: receive → dispatch → expire → checkpoint → report.
+Jobs come from the :class:`~taskmaster.feeder.Feeder` thread's bounded buffer and leave in
+batches against credit that workers grant; a job is done only when a worker acknowledges it
+(late ack), and the ledger's watermark only moves over resolved ids. Frames go through a
+transport object (``poll``/``receive``/``send``/``wake``), so tests can drive ``step`` with a
+fake transport and a fake clock.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import logging
+import os
+import pickle
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import protocol
+from .errors import ProtocolError
+from .feeder import Chunk, Feeder, safe_repr
+from .ledger import Checkpoint, Ledger
+from .progress import NullReporter, Reporter, Snapshot, StalledJob, Summary, WorkerRow
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+MAX_BATCH = 4096
+REPORT_INTERVAL_S = 0.25
+STALL_MIN_S = 3.0
+STALL_FACTOR = 10.0
+
+
+class Transport(Protocol):
+    def poll(self, timeout_s: float) -> None: ...
+    def receive(self) -> Iterable[tuple[bytes, bytes]]: ...
+    def send(self, identity: bytes, frame: bytes) -> bool: ...
+    def wake(self) -> None: ...
+
+
+@dataclass
+class MasterConfig:
+    size: int = 10_000
+    heartbeat_s: float = 0.5
+    liveness_s: float = 3.0
+    checkpoint_interval_s: float = 0.5
+    timeout_s: float | None = None
+    retries: int = 0
+    max_attempts: int = 3
+    max_job_bytes: int = 64 * 1024 * 1024
+    grace_s: float = 3.0
+    retry_backoff_s: float = 0.5
+    retry_backoff_max_s: float = 30.0
+    total: int | None = None
+
+
+@dataclass(slots=True)
+class Lease:
+    """Jobs sent to one worker in one message and not yet all acknowledged."""
+
+    seq: int
+    worker: bytes
+    chunk: Chunk
+    sent_at: float
+    remaining: int
+    suspect: bool = False
+
+    def payload_of(self, job_id: int) -> bytes | None:
+        chunk = self.chunk
+        if chunk.ids is None:
+            offset = job_id - chunk.first_id
+            return chunk.payloads[offset] if 0 <= offset < len(chunk.payloads) else None
+        try:
+            return chunk.payloads[chunk.ids.index(job_id)]
+        except ValueError:
+            return None
+
+
+@dataclass(slots=True)
+class WorkerState:
+    identity: bytes
+    host: str
+    pid: int
+    slots: int
+    credit: int
+    last_seen: float
+    connected_at: float
+    leases: set[int] = field(default_factory=set)
+    done: int = 0
+    running_job: int = -1
+    running_s: float = 0.0
+    running_seen: float = 0.0
+    rate_mark: tuple[float, int] = (0.0, 0)
+    rate: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.pid}"
+
+
+class Master:
+    """Serve workers until every job ``feeder`` yields is resolved.
+
+    ``ledger`` holds what is done; ``first_job_check`` is called with the first payload the
+    feeder produces on a resume (to detect a ``get_jobs`` that ignores ``last``).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        feeder: Feeder,
+        ledger: Ledger,
+        config: MasterConfig,
+        *,
+        reporter: Reporter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        retry_attempts: dict[int, int] | None = None,
+        failures_hint: str = "tm failures",
+    ) -> None:
+        self.transport = transport
+        self.feeder = feeder
+        self.ledger = ledger
+        self.completed = ledger.completed
+        self.config = config
+        self.reporter = reporter or NullReporter()
+        self.clock = clock
+        self.failures_hint = failures_hint
+        self.epoch = random.getrandbits(31)
+        self._seq = random.getrandbits(40)
+        self.workers: dict[bytes, WorkerState] = {}
+        self.leases: dict[int, Lease] = {}
+        self.requeue: collections.deque[Chunk] = collections.deque()
+        self.suspects: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.delayed: list[tuple[float, int, bytes]] = []
+        self.attempts: dict[int, int] = {}
+        # --retry-failed: ids whose earlier failure is being retried, with its attempt count.
+        self.retrying: dict[int, int] | None = retry_attempts
+        base = ledger.checkpoint_row
+        self.state = Checkpoint(
+            resume_id=base.resume_id,
+            resume_job=base.resume_job,
+            first_job=base.first_job,
+            done=base.done,
+            failed=base.failed,
+            duplicates=base.duplicates,
+            retried=base.retried,
+            total=config.total if config.total is not None else base.total,
+            started=base.started or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        self.done_at_start = base.done
+        self.in_flight = 0
+        self.dropped_frames = 0
+        self.stopping = False
+        self.stop_deadline: float | None = None
+        self.force_stop = False
+        self.finished = False
+        self.exit_status = EXIT_OK
+        self.started_at = clock()
+        self._next_ping = 0.0
+        self._next_checkpoint = self.started_at + config.checkpoint_interval_s
+        self._next_report = 0.0
+        self._rate_samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=40)
+        self._job_time_ewma = 0.0
+        self._lock = threading.Lock()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until done or stopped; return the exit status."""
+        self.reporter.start()
+        self.feeder.start()
+        try:
+            while not self.finished:
+                self.transport.poll(self._poll_timeout())
+                self.step(self.clock())
+        finally:
+            self.feeder.stop()
+        return self.exit_status
+
+    def _poll_timeout(self) -> float:
+        if self.feeder.waiting and self.feeder.buffered:
+            return 0.0
+        timeout = min(self._next_ping, self._next_checkpoint) - self.clock()
+        if self.delayed:
+            timeout = min(timeout, self.delayed[0][0] - self.clock())
+        return min(max(timeout, 0.0), REPORT_INTERVAL_S)
+
+    def step(self, now: float) -> None:
+        """One iteration: take what arrived, hand out jobs, expire, checkpoint, report."""
+        for identity, frame in self.transport.receive():
+            self.handle_frame(identity, frame, now)
+        self._take_bad_jobs(now)
+        if not self.stopping:
+            self.dispatch(now)
+        if now >= self._next_ping:
+            self._ping(now)
+            self.expire(now)
+        if now >= self._next_checkpoint:
+            self.checkpoint(now)
+        if now >= self._next_report:
+            self._report(now)
+        self._check_finished(now)
+
+    # -- messages ------------------------------------------------------------------------
+
+    def handle_frame(self, identity: bytes, frame: bytes, now: float) -> None:
+        try:
+            message = protocol.decode_from_worker(frame)
+        except ProtocolError as exc:
+            self.dropped_frames += 1
+            if self.dropped_frames <= 10 or self.dropped_frames % 1000 == 0:
+                logger.warning("dropped frame from=%s: %s (%d so far)", identity.hex()[:8], exc, self.dropped_frames)
+            return
+        worker = self.workers.get(identity)
+        if isinstance(message, protocol.Ack):
+            self.handle_ack(worker, message, now)
+            if worker is None:
+                self.transport.send(identity, protocol.REHELLO_FRAME)
+        elif isinstance(message, protocol.Heartbeat):
+            if worker is None:
+                self.transport.send(identity, protocol.REHELLO_FRAME)
+                return
+            worker.last_seen = now
+            worker.running_job = message.running_job
+            worker.running_s = message.running_s
+            worker.running_seen = now
+        elif isinstance(message, protocol.Hello):
+            self.handle_hello(identity, message, now)
+        elif isinstance(message, protocol.Bye) and worker is not None:
+            logger.info("worker left worker=%s reason=%s", worker.name, message.reason)
+            self._drop_worker(worker, now, lost=False)
+
+    def handle_hello(self, identity: bytes, hello: protocol.Hello, now: float) -> None:
+        if hello.version != protocol.PROTOCOL_VERSION:
+            logger.warning("refused worker %s:%d: protocol %d, ours %d", hello.host, hello.pid, hello.version, protocol.PROTOCOL_VERSION)
+            self.transport.send(identity, protocol.refuse(f"protocol version {hello.version} is not {protocol.PROTOCOL_VERSION}: run the same taskmaster version on master and workers"))
+            return
+        old = self.workers.get(identity)
+        if old is not None:
+            # The worker restarted its session (it lost us for a while): its old leases are void.
+            self._drop_worker(old, now, lost=False)
+        worker = WorkerState(identity, hello.host, hello.pid, hello.slots, hello.credit, now, now)
+        worker.rate_mark = (now, 0)
+        self.workers[identity] = worker
+        logger.info("worker joined worker=%s slots=%d", worker.name, worker.slots)
+        config = {
+            "heartbeat_s": self.config.heartbeat_s,
+            "liveness_s": self.config.liveness_s,
+            "timeout_s": self.config.timeout_s,
+        }
+        self.transport.send(identity, protocol.welcome(self.epoch, config))
+        if self.stopping:
+            self.transport.send(identity, protocol.PAUSE_FRAME)
+
+    def handle_ack(self, worker: WorkerState | None, ack: protocol.Ack, now: float) -> None:
+        leases = self.leases
+        newly_total = 0
+        acked_total = 0
+        for seq, first_id, count in ack.acks:
+            lease = leases.get(seq)
+            if lease is not None and worker is not None and lease.worker == worker.identity:
+                lease.remaining -= count
+                self.in_flight -= count
+                if lease.remaining <= 0:
+                    del leases[seq]
+                    worker.leases.discard(seq)
+            acked_total += count
+            if lease is not None and lease.chunk.ids is not None:
+                newly_total += self._resolve_ids(range(first_id, first_id + count), lease)
+            else:
+                newly_total += self._resolve_range(first_id, count)
+        for seq, job_id, error, message, traceback in ack.failures:
+            lease = leases.get(seq)
+            self._handle_failure(worker, lease, job_id, error, message, traceback, now)
+            if lease is not None and worker is not None and lease.worker == worker.identity:
+                lease.remaining -= 1
+                self.in_flight -= 1
+                if lease.remaining <= 0:
+                    del leases[seq]
+                    worker.leases.discard(seq)
+        self.state.done += newly_total
+        self.state.duplicates += acked_total - newly_total
+        if worker is not None:
+            worker.done += acked_total
+            worker.last_seen = now
+            worker.credit += ack.credit
+
+    def _resolve_range(self, first_id: int, count: int) -> int:
+        if self.retrying is not None:
+            return self._resolve_ids(range(first_id, first_id + count), None)
+        return self.completed.add(first_id, count)
+
+    def _resolve_ids(self, ids: Iterable[int], lease: Lease | None) -> int:
+        newly = 0
+        for job_id in ids:
+            if self.retrying is not None:
+                if self.retrying.pop(job_id, None) is not None:
+                    self.ledger.clear_failure(job_id)
+                    self.state.failed -= 1
+                    newly += 1
+            else:
+                newly += self.completed.add(job_id, 1)
+        return newly
+
+    # -- failures ------------------------------------------------------------------------
+
+    def _handle_failure(
+        self,
+        worker: WorkerState | None,
+        lease: Lease | None,
+        job_id: int,
+        error: str,
+        message: str,
+        traceback: str,
+        now: float,
+    ) -> None:
+        payload = lease.payload_of(job_id) if lease is not None else None
+        if payload is None:
+            # A report about a lease this master never made (an earlier master's): the job is
+            # not done in the ledger, so it runs again here. Nothing is lost.
+            return
+        attempts = self.attempts.get(job_id, 0) + 1
+        if attempts <= self.config.retries and error != "Timeout":
+            self.attempts[job_id] = attempts
+            self.state.retried += 1
+            delay = min(self.config.retry_backoff_s * 2 ** (attempts - 1), self.config.retry_backoff_max_s)
+            delay *= random.uniform(0.5, 1.5)
+            heapq.heappush(self.delayed, (now + delay, job_id, payload))
+            logger.info("retry job=%d attempt=%d in %.1fs after %s: %s", job_id, attempts + 1, delay, error, message)
+            return
+        self._record_failure(job_id, payload, attempts, error, message, traceback, worker.name if worker else "?")
+
+    def _record_failure(
+        self, job_id: int, payload: bytes | None, attempts: int, error: str, message: str, traceback: str, worker: str
+    ) -> None:
+        self.attempts.pop(job_id, None)
+        if self.retrying is not None:
+            previous = self.retrying.pop(job_id, None)
+            if previous is None:
+                return
+            attempts += previous
+        elif self.completed.add(job_id, 1) == 0:
+            return  # already done elsewhere (a duplicate delivery): the success stands
+        else:
+            self.state.failed += 1
+        logger.warning("failed job=%d attempts=%d %s: %s", job_id, attempts, error, message)
+        self.ledger.record_failure(job_id, payload, self._describe(payload), attempts, error, message, traceback, worker)
+
+    @staticmethod
+    def _describe(payload: bytes | None) -> str:
+        # The master unpickles only what its own feeder pickled, never worker data.
+        if payload is None:
+            return "?"
+        try:
+            return safe_repr(pickle.loads(payload))
+        except Exception:
+            return f"<{len(payload)} bytes>"
+
+    def _take_bad_jobs(self, now: float) -> None:
+        for bad in self.feeder.drain_bad():
+            if self.completed.add(bad.job_id, 1):
+                self.state.failed += 1
+                self.ledger.record_failure(bad.job_id, None, bad.job_repr, 1, bad.error, bad.message, "", "master")
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    def dispatch(self, now: float) -> None:
+        feeder = self.feeder
+        starved = False
+        for worker in self.workers.values():
+            while worker.credit > 0:
+                chunk, suspect = self._next_chunk(worker, now)
+                if chunk is None:
+                    starved = True
+                    break
+                self._send_chunk(worker, chunk, now, suspect)
+        feeder.waiting = starved
+
+    def _next_chunk(self, worker: WorkerState, now: float) -> tuple[Chunk | None, bool]:
+        n = min(worker.credit, MAX_BATCH)
+        while self.delayed and self.delayed[0][0] <= now:
+            _, job_id, payload = heapq.heappop(self.delayed)
+            self.requeue.append(Chunk(job_id, [payload], [job_id]))
+        # A job that may have killed its worker goes alone to an idle worker, so a second
+        # death blames exactly that job.
+        if self.suspects and not worker.leases:
+            job_id, payload = self.suspects.popleft()
+            return Chunk(job_id, [payload], [job_id]), True
+        if self.requeue:
+            head = self.requeue[0]
+            if len(head) <= n:
+                return self.requeue.popleft(), False
+            return head.split(n), False
+        chunks = self.feeder.take(n)
+        if not chunks:
+            return None, False
+        for extra in chunks[1:]:
+            self.requeue.append(extra)
+        return chunks[0], False
+
+    def _send_chunk(self, worker: WorkerState, chunk: Chunk, now: float, suspect: bool) -> None:
+        self._seq += 1
+        seq = self._seq
+        ids: int | list[int] = chunk.ids if chunk.ids is not None else chunk.first_id
+        if not self.transport.send(worker.identity, protocol.jobs(seq, ids, chunk.payloads)):
+            self.requeue.appendleft(chunk)
+            self._drop_worker(worker, now, lost=False)
+            return
+        n = len(chunk)
+        worker.credit -= n
+        worker.leases.add(seq)
+        self.leases[seq] = Lease(seq, worker.identity, chunk, now, n, suspect)
+        self.in_flight += n
+
+    # -- liveness ------------------------------------------------------------------------
+
+    def _ping(self, now: float) -> None:
+        self._next_ping = now + self.config.heartbeat_s
+        frame = protocol.ping(self.epoch)
+        for identity in list(self.workers):
+            self.transport.send(identity, frame)
+
+    def expire(self, now: float) -> None:
+        """Drop workers silent for longer than the liveness window; requeue their jobs."""
+        for worker in list(self.workers.values()):
+            if now - worker.last_seen > self.config.liveness_s:
+                logger.warning("lost worker=%s silent for %.1fs", worker.name, now - worker.last_seen)
+                self._drop_worker(worker, now, lost=True)
+
+    def _drop_worker(self, worker: WorkerState, now: float, *, lost: bool) -> None:
+        self.workers.pop(worker.identity, None)
+        requeued = 0
+        timed_out = self._timed_out_job(worker, now) if lost else None
+        for seq in sorted(worker.leases):
+            lease = self.leases.pop(seq, None)
+            if lease is None:
+                continue
+            self.in_flight -= lease.remaining
+            requeued += self._requeue_lease(lease, worker, lost, timed_out)
+        worker.leases.clear()
+        if requeued:
+            logger.info("lost worker=%s requeued=%d", worker.name, requeued)
+
+    def _timed_out_job(self, worker: WorkerState, now: float) -> int | None:
+        timeout = self.config.timeout_s
+        if timeout is None or worker.running_job < 0:
+            return None
+        running = worker.running_s + (now - worker.running_seen)
+        return worker.running_job if running > timeout else None
+
+    def _requeue_lease(self, lease: Lease, worker: WorkerState, lost: bool, timed_out: int | None) -> int:
+        pending = [(i, p) for i, p in zip(lease.chunk.id_list(), lease.chunk.payloads) if not self._is_resolved(i)]
+        if not pending:
+            return 0
+        if lost and lease.suspect and len(pending) == 1 or timed_out is not None:
+            kept = []
+            for job_id, payload in pending:
+                if job_id == timed_out:
+                    self._record_failure(job_id, payload, self.attempts.get(job_id, 0) + 1, "Timeout",
+                                         f"no answer within --timeout {self.config.timeout_s}s", "", worker.name)
+                elif lease.suspect:
+                    attempts = self.attempts.get(job_id, 0) + 1
+                    if attempts >= self.config.max_attempts:
+                        self._record_failure(job_id, payload, attempts, "WorkerLost",
+                                             f"the worker running it died {attempts} times", "", worker.name)
+                    else:
+                        self.attempts[job_id] = attempts
+                        self.suspects.append((job_id, payload))
+                else:
+                    kept.append((job_id, payload))
+            pending = kept
+        elif lost:
+            self.suspects.extend(pending)
+            return len(pending)
+        if pending:
+            ids = [i for i, _ in pending]
+            self.requeue.appendleft(Chunk(ids[0], [p for _, p in pending], ids))
+        return len(pending)
+
+    def _is_resolved(self, job_id: int) -> bool:
+        if self.retrying is not None:
+            return job_id not in self.retrying
+        return job_id in self.completed
+
+    # -- checkpoint, report, finish ------------------------------------------------------
+
+    def resume_point(self) -> tuple[int, bytes] | None:
+        """The lowest unresolved job we hold (id, payload): what ``last`` must be on resume."""
+        best: tuple[int, bytes] | None = None
+        candidates: list[tuple[int, bytes]] = []
+        for lease in self.leases.values():
+            chunk = lease.chunk
+            if chunk.ids is None:
+                candidates.append((chunk.first_id, chunk.payloads[0]))
+            else:
+                i = min(range(len(chunk.ids)), key=chunk.ids.__getitem__)
+                candidates.append((chunk.ids[i], chunk.payloads[i]))
+        for chunk in self.requeue:
+            candidates.append((min(chunk.id_list()), chunk.payloads[chunk.id_list().index(min(chunk.id_list()))]))
+        candidates.extend(self.suspects)
+        candidates.extend((job_id, payload) for _, job_id, payload in self.delayed)
+        head = self.feeder.peek_first()
+        if head is not None:
+            candidates.append(head)
+        for candidate in candidates:
+            if best is None or candidate[0] < best[0]:
+                best = candidate
+        return best
+
+    def checkpoint(self, now: float) -> None:
+        self._next_checkpoint = now + self.config.checkpoint_interval_s
+        state = self.state
+        if self.retrying is None:
+            point = self.resume_point()
+            if point is not None and point[0] >= state.resume_id:
+                state.resume_id, state.resume_job = point
+            if state.first_job is None and self.feeder.first_payload is not None:
+                state.first_job = self.feeder.first_payload
+        state.exhausted = self.feeder.done and not self.feeder.failure and not self._outstanding()
+        failure = self.feeder.failure
+        state.generator_error = f"{failure.error}: {failure.message}" if failure else None
+        state.in_flight = self.in_flight
+        state.workers = len(self.workers)
+        state.rate = self._rate(now)
+        self.ledger.checkpoint(state)
+
+    def _outstanding(self) -> bool:
+        return bool(self.leases or self.requeue or self.suspects or self.delayed)
+
+    def _rate(self, now: float) -> float:
+        samples = self._rate_samples
+        samples.append((now, self.state.done))
+        while len(samples) > 2 and now - samples[0][0] > 5.0:
+            samples.popleft()
+        t0, d0 = samples[0]
+        return (self.state.done - d0) / (now - t0) if now > t0 else 0.0
+
+    def snapshot(self, now: float) -> Snapshot:
+        rate = self._rate(now)
+        return Snapshot(
+            done=self.state.done,
+            done_at_start=self.done_at_start,
+            total=self.state.total,
+            failed=self.state.failed,
+            retried=self.state.retried,
+            duplicates=self.state.duplicates,
+            buffered=self.feeder.buffered,
+            size=self.feeder.size,
+            in_flight=self.in_flight,
+            workers=len(self.workers),
+            elapsed_s=now - self.started_at,
+            rate=rate,
+            stalled=self._stalled(now, rate),
+            worker_rows=self._worker_rows(now),
+            phase="replaying" if self.feeder.replaying else ("stopping" if self.stopping else "running"),
+            replayed=self.feeder.stats.replayed,
+        )
+
+    def _stalled(self, now: float, rate: float) -> StalledJob | None:
+        oldest: WorkerState | None = None
+        for worker in self.workers.values():
+            if worker.running_job >= 0 and (oldest is None or worker.running_s > oldest.running_s):
+                oldest = worker
+        if oldest is None:
+            return None
+        slots = sum(w.slots for w in self.workers.values()) or 1
+        typical = slots / rate if rate > 0 else 0.0
+        running = oldest.running_s + (now - oldest.running_seen)
+        if running < max(STALL_MIN_S, STALL_FACTOR * typical):
+            return None
+        return StalledJob(oldest.running_job, oldest.name, running)
+
+    def _worker_rows(self, now: float) -> tuple[WorkerRow, ...]:
+        rows = []
+        for w in self.workers.values():
+            t0, d0 = w.rate_mark
+            if now - t0 >= 2.0:
+                w.rate = (w.done - d0) / (now - t0)
+                w.rate_mark = (now, w.done)
+            rows.append(WorkerRow(w.identity.hex()[:8], w.host, w.pid, w.done, w.rate, now - w.last_seen))
+        return tuple(rows)
+
+    def _report(self, now: float) -> None:
+        self._next_report = now + REPORT_INTERVAL_S
+        self.reporter.update(self.snapshot(now))
+
+    def _check_finished(self, now: float) -> None:
+        if self.stopping:
+            if self.force_stop or not self.leases or (self.stop_deadline is not None and now >= self.stop_deadline):
+                self._finish(now, EXIT_INTERRUPTED)
+            return
+        if self.feeder.done and not self._outstanding():
+            # The feeder records bad jobs before it marks itself done: take the last of them.
+            self._take_bad_jobs(now)
+            status = EXIT_FAILED if (self.state.failed or self.feeder.failure) else EXIT_OK
+            self._finish(now, status)
+
+    def _finish(self, now: float, status: int) -> None:
+        self.checkpoint(now)
+        frame = protocol.PAUSE_FRAME if status == EXIT_INTERRUPTED else protocol.END_FRAME
+        for identity in list(self.workers):
+            self.transport.send(identity, frame)
+        self.exit_status = status
+        self.finished = True
+
+    def summary(self, now: float | None = None) -> Summary:
+        now = self.clock() if now is None else now
+        return Summary(
+            done=self.state.done,
+            failed=self.state.failed,
+            duplicates=self.state.duplicates,
+            retried=self.state.retried,
+            elapsed_s=now - self.started_at,
+            done_this_run=self.state.done - self.done_at_start,
+            state_path=str(self.ledger.path),
+            failures_hint=self.failures_hint,
+            interrupted=self.exit_status == EXIT_INTERRUPTED,
+        )
+
+    # -- signals -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """First call: stop handing out jobs and drain briefly; second: stop now."""
+        if self.stopping:
+            self.force_stop = True
+        else:
+            self.stopping = True
+            self.stop_deadline = self.clock() + self.config.grace_s
+        self.transport.wake()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            self.request_stop()
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)

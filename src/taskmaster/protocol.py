@@ -1,0 +1,244 @@
+"""The wire format between master and workers: msgpack arrays, no zmq here.
+
+Every control message is one msgpack array whose first element is its type code. Job payloads
+are pickled by the master's feeder and travel master → worker only, inside a JOBS message as
+opaque bytes: the master never unpickles anything a worker sends, and it validates every worker
+message against the small fixed schema below before using it (see :func:`decode_from_worker`).
+
+Worker → master::
+
+    HELLO      [1, version, {"host": str, "pid": int, "slots": int}, credit]
+    ACK        [2, credit, acks, failures]
+                 acks:     [[seq, first_id, count], …]    jobs first_id … first_id+count-1 done
+                 failures: [[seq, job_id, error, message, traceback], …]
+    HEARTBEAT  [3, running_job_id or -1, running_s, done_total]
+    BYE        [4, reason]                                 leaving; requeue what it holds
+
+Master → worker::
+
+    WELCOME    [10, version, epoch, {"heartbeat_s": float, "liveness_s": float, "timeout_s": float|None}]
+    REFUSE     [11, reason]                                version mismatch or shutting down
+    JOBS       [12, seq, ids, [payload, …]]                ids: first id (int) or a list of ids
+    PING       [13, epoch]                                 master heartbeat
+    END        [14]                                        the run is over: exit 0
+    PAUSE      [15]                                        master stopping: drop queued jobs, wait
+    REHELLO    [16]                                        unknown worker (new master): say HELLO
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+HELLO = 1
+ACK = 2
+HEARTBEAT = 3
+BYE = 4
+
+WELCOME = 10
+REFUSE = 11
+JOBS = 12
+PING = 13
+END = 14
+PAUSE = 15
+REHELLO = 16
+
+# Bounds on what a worker may send. A frame outside them is dropped by the master.
+MAX_WORKER_FRAME_BYTES = 4 * 1024 * 1024
+MAX_TEXT = 256
+MAX_MESSAGE_TEXT = 4096
+MAX_TRACEBACK = 16 * 1024
+MAX_ENTRIES = 100_000
+MAX_ID = 2**63 - 1
+MAX_CREDIT = 1_000_000
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def pack(message: list[Any]) -> bytes:
+    """Encode one message."""
+    return bytes(_packb(message))
+
+
+def unpack_from_master(frame: bytes) -> list[Any]:
+    """Decode a message sent by the master (trusted once CURVE has authenticated it)."""
+    msg = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=False)
+    if not isinstance(msg, list) or not msg or not isinstance(msg[0], int):
+        raise ProtocolError("not a taskmaster message")
+    return msg
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    version: int
+    host: str
+    pid: int
+    slots: int
+    credit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    credit: int
+    acks: list[tuple[int, int, int]]
+    failures: list[tuple[int, int, str, str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    running_job: int  # -1 when idle
+    running_s: float
+    done_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    reason: str
+
+
+WorkerMessage = Hello | Ack | Heartbeat | Bye
+
+
+def _int(value: Any, low: int = 0, high: int = MAX_ID) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ProtocolError(f"bad integer {value!r:.40}")
+    return value
+
+
+def _text(value: Any, limit: int) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError("expected text")
+    return value[:limit]
+
+
+def _number(value: Any) -> float:
+    if type(value) not in (int, float):
+        raise ProtocolError("expected a number")
+    return float(value)
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list) or len(value) > MAX_ENTRIES:
+        raise ProtocolError("expected a bounded list")
+    return value
+
+
+def decode_from_worker(frame: bytes) -> WorkerMessage:
+    """Decode and validate one worker frame; raise ProtocolError for anything off-schema."""
+    if len(frame) > MAX_WORKER_FRAME_BYTES:
+        raise ProtocolError("frame too large")
+    try:
+        # Limits stop a hostile frame from allocating far more than it weighs.
+        msg = msgpack.unpackb(
+            frame,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_bin_len=0,
+            max_ext_len=0,
+            max_str_len=MAX_TRACEBACK,
+            max_array_len=MAX_ENTRIES,
+            max_map_len=16,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ProtocolError(f"undecodable frame: {type(exc).__name__}") from None
+    if not isinstance(msg, list) or not msg:
+        raise ProtocolError("not a message array")
+    kind = msg[0]
+    try:
+        if kind == ACK and len(msg) == 4:
+            return _decode_ack(msg)
+        if kind == HEARTBEAT and len(msg) == 4:
+            return Heartbeat(_int(msg[1], -1), _number(msg[2]), _int(msg[3]))
+        if kind == HELLO and len(msg) == 4:
+            return _decode_hello(msg)
+        if kind == BYE and len(msg) == 2:
+            return Bye(_text(msg[1], MAX_TEXT))
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ProtocolError(f"malformed message: {exc}") from None
+    raise ProtocolError(f"unknown message type {kind!r:.20}")
+
+
+def _decode_hello(msg: list[Any]) -> Hello:
+    info = msg[2]
+    if not isinstance(info, dict):
+        raise ProtocolError("hello without worker info")
+    return Hello(
+        version=_int(msg[1]),
+        host=_text(info.get("host", "?"), MAX_TEXT),
+        pid=_int(info.get("pid", 0)),
+        slots=_int(info.get("slots", 1), 1, MAX_CREDIT),
+        credit=_int(msg[3], 0, MAX_CREDIT),
+    )
+
+
+def _decode_ack(msg: list[Any]) -> Ack:
+    acks: list[tuple[int, int, int]] = []
+    for entry in _list(msg[2]):
+        if not isinstance(entry, list) or len(entry) != 3:
+            raise ProtocolError("bad ack entry")
+        acks.append((_int(entry[0]), _int(entry[1]), _int(entry[2], 1, MAX_CREDIT)))
+    failures: list[tuple[int, int, str, str, str]] = []
+    for entry in _list(msg[3]):
+        if not isinstance(entry, list) or len(entry) != 5:
+            raise ProtocolError("bad failure entry")
+        failures.append(
+            (
+                _int(entry[0]),
+                _int(entry[1]),
+                _text(entry[2], MAX_TEXT),
+                _text(entry[3], MAX_MESSAGE_TEXT),
+                _text(entry[4], MAX_TRACEBACK),
+            )
+        )
+    return Ack(_int(msg[1], 0, MAX_CREDIT), acks, failures)
+
+
+# Encoders, one per message, so the field order lives in this module only.
+
+
+def hello(host: str, pid: int, slots: int, credit: int) -> bytes:
+    return pack([HELLO, PROTOCOL_VERSION, {"host": host, "pid": pid, "slots": slots}, credit])
+
+
+def ack(
+    credit: int,
+    acks: list[tuple[int, int, int]],
+    failures: list[tuple[int, int, str, str, str]],
+) -> bytes:
+    return pack([ACK, credit, acks, failures])
+
+
+def heartbeat(running_job: int, running_s: float, done_total: int) -> bytes:
+    return pack([HEARTBEAT, running_job, running_s, done_total])
+
+
+def bye(reason: str) -> bytes:
+    return pack([BYE, reason])
+
+
+def welcome(epoch: int, config: dict[str, Any]) -> bytes:
+    return pack([WELCOME, PROTOCOL_VERSION, epoch, config])
+
+
+def refuse(reason: str) -> bytes:
+    return pack([REFUSE, reason])
+
+
+def jobs(seq: int, ids: int | list[int], payloads: list[bytes]) -> bytes:
+    return pack([JOBS, seq, ids, payloads])
+
+
+def ping(epoch: int) -> bytes:
+    return pack([PING, epoch])
+
+
+END_FRAME = pack([END])
+PAUSE_FRAME = pack([PAUSE])
+REHELLO_FRAME = pack([REHELLO])

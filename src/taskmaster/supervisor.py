@@ -1,0 +1,195 @@
+"""N worker processes: fork, reap, respawn with backoff, forward signals, one exit status.
+
+The supervisor is single-threaded and holds no sockets, so forking from it is safe; each child
+builds its own ZeroMQ context. Used by ``tm-spawn`` directly and by ``tm-run`` (in a child
+forked before the master starts its threads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_WORKERS_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+# Exit statuses a worker uses on purpose (see worker.py): the run is over, it gave up on the
+# master, or it was interrupted. None is a crash, so none is restarted.
+NO_RESTART = {0, 3, 130}
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+# A worker that lived this long before dying resets the crash-loop backoff.
+HEALTHY_AFTER_S = 10.0
+STOP_GRACE_S = 5.0
+
+
+@dataclass
+class Slot:
+    index: int
+    pid: int = 0
+    started: float = 0.0
+    restarts: int = 0
+    backoff_s: float = 0.0
+    restart_at: float | None = None
+    finished: bool = False
+    status: int = 0
+
+
+def _status_of(wait_status: int) -> int:
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    return os.waitstatus_to_exitcode(wait_status)
+
+
+class Supervisor:
+    """Run ``worker_main(index)`` in ``n`` forked children until each exits for good.
+
+    A child killed by a signal or exiting with an unexpected status is restarted, with
+    exponential backoff when it keeps dying young. ``watch_parent`` makes the supervisor stop
+    its workers when the process that forked it dies (``tm-run``'s master).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        worker_main: Callable[[int], int],
+        *,
+        restart: bool = True,
+        watch_parent: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.slots = [Slot(i) for i in range(n)]
+        self.worker_main = worker_main
+        self.restart = restart
+        self.watch_parent = watch_parent
+        self._parent = os.getppid()
+        self.clock = clock
+        self.stopping = False
+        self._stop_deadline = 0.0
+        self.interrupted = False
+
+    def _spawn(self, slot: Slot) -> None:
+        # Signals stay blocked across fork so a child never runs the parent's handlers.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD})
+        try:
+            pid = os.fork()
+            if pid == 0:  # the child
+                status = 1
+                try:
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
+                    signal.signal(signal.SIGTERM, _terminate)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+                    status = self.worker_main(slot.index)
+                except KeyboardInterrupt:
+                    status = EXIT_INTERRUPTED
+                except SystemExit as exc:
+                    status = exc.code if isinstance(exc.code, int) else 1
+                except BaseException:
+                    logger.exception("worker crashed")
+                    status = 1
+                finally:
+                    with contextlib.suppress(Exception):
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                    os._exit(status)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        slot.pid = pid
+        slot.started = self.clock()
+        slot.restart_at = None
+        logger.debug("started worker pid=%d slot=%d", pid, slot.index)
+
+    def start(self) -> None:
+        for slot in self.slots:
+            self._spawn(slot)
+
+    def pids(self) -> list[int]:
+        return [s.pid for s in self.slots if s.pid and not s.finished]
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop restarting and pass the signal on to every worker."""
+        if not self.stopping:
+            self.stopping = True
+            self._stop_deadline = self.clock() + STOP_GRACE_S
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: object) -> None:
+            self.interrupted = True
+            self.request_stop(signal.SIGTERM)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def run(self) -> int:
+        """Start the workers and block until all are finished; return the combined status."""
+        self.start()
+        while not all(s.finished for s in self.slots):
+            self.step(self.clock())
+            time.sleep(0.05)
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        bad = [s for s in self.slots if s.status not in (0,)]
+        return EXIT_WORKERS_FAILED if bad else EXIT_OK
+
+    def step(self, now: float) -> None:
+        """Reap dead children, restart the ones due, enforce the stop deadline."""
+        while True:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            self._reaped(pid, _status_of(wait_status), now)
+        for slot in self.slots:
+            if slot.restart_at is not None and now >= slot.restart_at and not self.stopping:
+                slot.restarts += 1
+                self._spawn(slot)
+        if self.watch_parent and os.getppid() != self._parent and not self.stopping:
+            logger.warning("the master is gone: stopping workers")
+            self.request_stop(signal.SIGTERM)
+        if self.stopping:
+            for slot in self.slots:
+                if slot.restart_at is not None:
+                    slot.restart_at = None
+                    slot.finished = True
+            if now > self._stop_deadline:
+                for pid in self.pids():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+
+    def _reaped(self, pid: int, status: int, now: float) -> None:
+        slot = next((s for s in self.slots if s.pid == pid), None)
+        if slot is None:
+            return
+        slot.status = status
+        slot.pid = 0
+        if self.stopping or not self.restart or status in NO_RESTART:
+            slot.finished = True
+            if status not in (0, EXIT_INTERRUPTED, 128 + signal.SIGTERM):
+                logger.warning("worker slot=%d exited with status %d", slot.index, status)
+            return
+        lived = now - slot.started
+        if lived >= HEALTHY_AFTER_S:
+            slot.backoff_s = 0.0
+        delay = slot.backoff_s
+        slot.backoff_s = min(max(slot.backoff_s * 2, BACKOFF_START_S), BACKOFF_MAX_S)
+        logger.warning("worker slot=%d died (status %d) after %.1fs: restarting in %.1fs", slot.index, status, lived, delay)
+        slot.restart_at = now + delay
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

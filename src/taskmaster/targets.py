@@ -1,0 +1,160 @@
+"""Turn a target string into the user's callables.
+
+Accepted forms, as in the 2012 tool: ``tasks.py``, ``path/to/tasks.py``, ``pkg.module``,
+``pkg.module:function`` and ``path/tasks.py:function``. Without ``:function`` the default names
+apply (``get_jobs``, ``handle_job``, ``count_jobs``, ``init_worker``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .errors import TargetError
+
+GET_JOBS = "get_jobs"
+HANDLE_JOB = "handle_job"
+COUNT_JOBS = "count_jobs"
+INIT_WORKER = "init_worker"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A parsed target: where the module is and which function was named, if any."""
+
+    spec: str
+    module_ref: str
+    function: str | None
+    is_path: bool
+
+    @property
+    def label(self) -> str:
+        """A short name for file names and messages: ``tasks`` for ``jobs/tasks.py``."""
+        base = Path(self.module_ref).stem if self.is_path else self.module_ref
+        return base + (f"-{self.function}" if self.function else "")
+
+
+def parse_target(spec: str) -> Target:
+    """Split ``module:function`` and tell a file path from a dotted module name."""
+    if not spec:
+        raise TargetError("no target given: name a tasks file such as tasks.py")
+    module_ref, sep, function = spec.rpartition(":")
+    if not sep or not function.isidentifier():
+        module_ref, function = spec, ""
+    is_path = module_ref.endswith(".py") or os.sep in module_ref or Path(module_ref).is_file()
+    return Target(spec, module_ref, function or None, is_path)
+
+
+_loaded: dict[str, ModuleType] = {}
+
+
+def load_module(target: Target) -> ModuleType:
+    """Import the target's module once per process; errors become one-line TargetErrors."""
+    key = os.path.abspath(target.module_ref) if target.is_path else target.module_ref
+    if key in _loaded:
+        return _loaded[key]
+    module = _load_path(target.module_ref) if target.is_path else _load_dotted(target.module_ref)
+    _loaded[key] = module
+    return module
+
+
+def _load_path(path_text: str) -> ModuleType:
+    path = Path(path_text)
+    if not path.is_file():
+        raise TargetError(f"{path_text}: no such file")
+    directory = str(path.resolve().parent)
+    # Let tasks.py import its sibling modules, as `python tasks.py` would.
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    name = path.stem if path.stem.isidentifier() else "taskmaster_tasks"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TargetError(f"{path_text}: cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before exec so that pickle finds classes the file defines, under its name.
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        sys.modules.pop(name, None)
+        raise TargetError(f"{path_text}:{exc.lineno}: syntax error: {exc.msg}") from exc
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise TargetError(f"{path_text}: failed to import: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _load_dotted(name: str) -> ModuleType:
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):
+            raise TargetError(f"{name}: no such module or file") from exc
+        raise TargetError(f"{name}: failed to import: {exc}") from exc
+    except SyntaxError as exc:
+        raise TargetError(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from exc
+    except Exception as exc:
+        raise TargetError(f"{name}: failed to import: {type(exc).__name__}: {exc}") from exc
+
+
+def load_function(target: Target, name: str, *, required: bool = True) -> Callable[..., Any] | None:
+    """Return ``name`` from the target's module (``None`` if optional and missing)."""
+    module = load_module(target)
+    func = getattr(module, name, None)
+    if func is None:
+        if required:
+            raise TargetError(f"{target.module_ref}: no function {name}() defined")
+        return None
+    if not callable(func):
+        raise TargetError(f"{target.module_ref}: {name} is not callable")
+    return func  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class MasterCallables:
+    get_jobs: Callable[..., Any]
+    count_jobs: Callable[..., Any] | None
+
+
+@dataclass(frozen=True)
+class WorkerCallables:
+    handle_job: Callable[..., Any]
+    init_worker: Callable[[], Any] | None
+
+
+def master_callables(target: Target, get_jobs_name: str | None = None) -> MasterCallables:
+    """The master's side: ``get_jobs`` (or ``target:function``) and the optional ``count_jobs``."""
+    name = get_jobs_name or target.function or GET_JOBS
+    get_jobs = load_function(target, name)
+    assert get_jobs is not None
+    return MasterCallables(get_jobs, load_function(target, COUNT_JOBS, required=False))
+
+
+def worker_callables(target: Target, handle_job_name: str | None = None) -> WorkerCallables:
+    """The worker's side: ``handle_job`` (or the name given) and the optional ``init_worker``."""
+    handle = load_function(target, handle_job_name or HANDLE_JOB)
+    assert handle is not None
+    return WorkerCallables(handle, load_function(target, INIT_WORKER, required=False))
+
+
+def accepts_last(get_jobs: Callable[..., Any]) -> bool:
+    """Whether ``get_jobs`` can be told where to resume (a ``last`` parameter or ``**kwargs``)."""
+    try:
+        params = inspect.signature(get_jobs).parameters
+    except (TypeError, ValueError):
+        return False
+    return "last" in params
+
+
+def is_async(func: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(func)

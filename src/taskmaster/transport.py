@@ -1,0 +1,251 @@
+"""ZeroMQ only: the master's ROUTER, the worker's DEALER, CURVE and the ZAP handler.
+
+Nothing here knows about jobs or leases; the master and the worker hand it frames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import zmq
+
+from .errors import SecurityError, UsageError
+from .security import Keys
+
+logger = logging.getLogger(__name__)
+
+# Worker frames are small by schema; anything larger is an attack or a bug, and libzmq drops
+# the connection that sent it.
+MASTER_MAX_MSG_BYTES = 8 * 1024 * 1024
+HANDSHAKE_IVL_MS = 5_000
+RECV_BATCH = 2_000
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+
+
+class ZapHandler(threading.Thread):
+    """Accept CURVE clients whose public key is the worker key derived from the secret."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], worker_public: bytes) -> None:
+        super().__init__(name="taskmaster-zap", daemon=True)
+        self._allowed = worker_public
+        self._socket = context.socket(zmq.REP)
+        self._socket.linger = 0
+        self._socket.bind(ZAP_ENDPOINT)
+        self.denied = 0
+
+    def run(self) -> None:
+        from zmq.utils import z85
+
+        sock = self._socket
+        while True:
+            try:
+                frames = sock.recv_multipart()
+            except zmq.ContextTerminated:
+                break
+            except zmq.ZMQError:
+                break
+            if len(frames) < 6:
+                continue
+            version, request_id, _domain, address, _identity, mechanism = frames[:6]
+            ok = mechanism == b"CURVE" and len(frames) == 7 and z85.encode(frames[6]) == self._allowed
+            if not ok:
+                self.denied += 1
+                logger.warning("refused connection from %s: wrong secret", address.decode(errors="replace"))
+            reply = [version, request_id, b"200" if ok else b"400", b"OK" if ok else b"denied", b"", b""]
+            try:
+                sock.send_multipart(reply)
+            except zmq.ZMQError:
+                break
+        sock.close(0)
+
+
+class MasterTransport:
+    """A bound ROUTER socket with CURVE server keys, plus a wake-up pipe for other threads."""
+
+    def __init__(self, address: str, keys: Keys) -> None:
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.zap = ZapHandler(self.context, keys.worker_public)
+        self.zap.start()
+        sock = self.context.socket(zmq.ROUTER)
+        sock.linger = 1000
+        sock.curve_server = True
+        sock.curve_secretkey = keys.master_secret
+        sock.curve_publickey = keys.master_public
+        sock.zap_domain = b"taskmaster"
+        sock.setsockopt(zmq.MAXMSGSIZE, MASTER_MAX_MSG_BYTES)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+        sock.sndhwm = 0
+        sock.rcvhwm = 0
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            self.context.term()
+            hint = " (is another master running there?)" if exc.errno == errno.EADDRINUSE else ""
+            raise UsageError(f"cannot listen on {address}: {exc.strerror}{hint}") from exc
+        self.socket = sock
+        self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self.unroutable = 0
+
+    def wake(self) -> None:
+        """Interrupt a poll from another thread (signal-safe and thread-safe)."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"x")
+
+    def poll(self, timeout_s: float) -> None:
+        """Block until a frame or a wake-up arrives, or the timeout passes."""
+        self._poller.poll(max(0, int(timeout_s * 1000)))
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.read(self._wake_r, 4096)
+
+    def receive(self) -> Iterator[tuple[bytes, bytes]]:
+        """Yield ``(worker identity, frame)`` for what is waiting now, without blocking."""
+        recv = self.socket.recv_multipart
+        for _ in range(RECV_BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            if len(frames) == 2:
+                yield frames[0], frames[1]
+            else:
+                yield frames[0], b""  # wrong frame count: let the protocol layer reject it
+
+    def send(self, identity: bytes, frame: bytes) -> bool:
+        """Send to one worker; ``False`` when it is gone (never raises for that)."""
+        try:
+            self.socket.send_multipart((identity, frame), zmq.NOBLOCK, copy=len(frame) < 65536)
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
+                self.unroutable += 1
+                return False
+            raise
+
+    def close(self) -> None:
+        self.socket.close()
+        self.context.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+class HandshakeFailed(SecurityError):
+    """The master answered but would not complete the CURVE handshake: a different secret."""
+
+
+class WorkerTransport:
+    """A DEALER socket connected to the master, pinned to the master's public key.
+
+    A monitor counts connections that never complete the handshake, so a wrong secret fails
+    fast with a clear message instead of retrying silently until ``--wait`` runs out.
+    """
+
+    MAX_FAILED_HANDSHAKES = 3
+
+    def __init__(self, address: str, keys: Keys, identity: bytes) -> None:
+        self.address = address
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        sock = self.context.socket(zmq.DEALER)
+        sock.linger = 2000
+        sock.routing_id = identity
+        sock.curve_serverkey = keys.master_public
+        sock.curve_publickey = keys.worker_public
+        sock.curve_secretkey = keys.worker_secret
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.sndhwm = 0
+        sock.rcvhwm = 0
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED
+            | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        )
+        try:
+            sock.connect(address)
+        except zmq.ZMQError as exc:
+            raise UsageError(f"cannot connect to {address}: {exc.strerror}") from exc
+        self.socket = sock
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self._pending_connect = False
+        self.failed_handshakes = 0
+        self.handshakes = 0
+        self.connected_at: float | None = None
+
+    def register(self, fd: int) -> None:
+        self._poller.register(fd, zmq.POLLIN)
+
+    def poll(self, timeout_s: float) -> bool:
+        """Wait for traffic; return whether a frame from the master is readable."""
+        events = dict(self._poller.poll(max(0, int(timeout_s * 1000))))
+        if self._monitor in events:
+            self._read_monitor()
+        return self.socket in events
+
+    def _read_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_CONNECTED:
+                self._pending_connect = True
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._pending_connect = False
+                self.failed_handshakes = 0
+                self.handshakes += 1
+                self.connected_at = time.monotonic()
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.connected_at = None
+                if self._pending_connect:
+                    self._pending_connect = False
+                    self.failed_handshakes += 1
+            elif event & (
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            ):
+                self._pending_connect = False
+                self.failed_handshakes += 1
+        if self.failed_handshakes >= self.MAX_FAILED_HANDSHAKES:
+            raise HandshakeFailed(
+                f"the master at {self.address} refused the handshake {self.failed_handshakes} "
+                "times: this worker's secret is not the master's (check --secret-file / TM_SECRET)"
+            )
+
+    def receive(self) -> Iterator[bytes]:
+        recv = self.socket.recv
+        while True:
+            try:
+                yield recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+
+    def send(self, frame: bytes) -> None:
+        self.socket.send(frame, zmq.NOBLOCK, copy=len(frame) < 65536)
+
+    def close(self, linger_s: float = 2.0) -> None:
+        self.socket.disable_monitor()
+        self._monitor.close(0)
+        self.socket.close(int(linger_s * 1000))
+        self.context.term()

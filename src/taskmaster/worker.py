@@ -1,0 +1,334 @@
+"""The worker: jobs on the main thread (or a pool), the socket on an I/O thread.
+
+The I/O thread (:class:`Session`) owns the DEALER socket: it says HELLO, queues the batches
+the master sends, sends heartbeats while a job runs, batches acknowledgements, grants credit
+as slots free up, watches ``--timeout``, and survives a master restart (it keeps trying for
+``--wait`` seconds, then gives up). The executor only sees a queue of batches and a box of
+results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import protocol
+from .errors import ProtocolError, WorkerGaveUp
+from .executor import Batch, JobQueue, Results, executor_slots, make_executor
+from .security import Keys
+from .transport import HandshakeFailed, WorkerTransport
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_GAVE_UP = 3
+EXIT_TIMEOUT = 4
+EXIT_INIT_FAILED = 5
+
+MAX_WINDOW = 8192
+# How much queued work a worker asks for beyond its running slots: enough to cover a round
+# trip to the master, small enough that the last jobs of a run are spread over all workers.
+PREFETCH_S = 0.01
+HELLO_RETRY_S = 1.0
+
+
+class Session(threading.Thread):
+    """The worker's side of the conversation with one master (and its successors)."""
+
+    def __init__(
+        self,
+        transport: WorkerTransport,
+        queue: JobQueue,
+        results: Results,
+        wake_fd: int,
+        *,
+        slots: int,
+        wait_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(name="taskmaster-io", daemon=True)
+        self.transport = transport
+        self.queue = queue
+        self.results = results
+        self._wake_fd = wake_fd
+        self.slots = slots
+        self.wait_s = wait_s
+        self.clock = clock
+        self.heartbeat_s = 0.5
+        self.liveness_s = 3.0
+        self.timeout_s: float | None = None
+        self.epoch: int | None = None
+        self.welcomed = False
+        self.exit_status: int | None = None
+        self.exit_message = ""
+        self.received = 0
+        self.granted = 0
+        self.finished_seen = 0
+        self.dropped = 0
+        self.job_time_s = 0.0  # mean seconds of one slot per job, measured
+        self._busy_seen = 0.0
+        self._last_from_master = clock()
+        self._last_hello = 0.0
+        self._contact_deadline = clock() + wait_s
+        self._next_heartbeat = 0.0
+        self.stop_requested = False
+
+    # -- credit --------------------------------------------------------------------------
+
+    def window(self) -> int:
+        """Jobs we want held for us: running slots plus enough prefetch for one round trip."""
+        if self.job_time_s <= 0:
+            return self.slots * 2
+        prefetch = int(PREFETCH_S * self.slots / self.job_time_s)
+        return min(self.slots + prefetch, MAX_WINDOW)
+
+    def _finished(self) -> int:
+        return self.results.finished + self.dropped
+
+    def _grant(self) -> int:
+        """Credit to grant now: the window minus what the master may still send or we hold."""
+        window = self.window()
+        claim = self.granted - self._finished()
+        grant = window - claim
+        threshold = max(1, (window - self.slots) // 2)
+        if grant >= threshold or (grant > 0 and claim < self.slots):
+            self.granted += grant
+            return grant
+        return 0
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._send_hello(self.clock())
+            while self.exit_status is None and not self.stop_requested:
+                timeout = max(0.0, min(self._next_heartbeat - self.clock(), 0.05))
+                readable = self.transport.poll(timeout)
+                now = self.clock()
+                if readable:
+                    for frame in self.transport.receive():
+                        self.handle(frame, now)
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.read(self._wake_fd, 4096)
+                self._flush(now)
+                self._tick(now)
+        except HandshakeFailed as exc:
+            self._give_up(EXIT_GAVE_UP, str(exc))
+        except Exception as exc:  # never die silently: the main thread reports it
+            logger.exception("worker I/O thread failed")
+            self._give_up(EXIT_GAVE_UP, f"worker I/O failed: {exc}")
+        finally:
+            self.queue.close()
+
+    def _give_up(self, status: int, message: str) -> None:
+        self.exit_status = status
+        self.exit_message = message
+
+    def handle(self, frame: bytes, now: float) -> None:
+        try:
+            msg = protocol.unpack_from_master(frame)
+        except (ProtocolError, ValueError) as exc:
+            logger.warning("ignored a malformed frame from the master: %s", exc)
+            return
+        self._last_from_master = now
+        kind = msg[0]
+        if kind == protocol.JOBS:
+            _, seq, ids, payloads = msg
+            self.received += len(payloads)
+            self.queue.put(Batch(seq, ids, payloads))
+        elif kind == protocol.PING:
+            if self.welcomed and msg[1] != self.epoch:
+                self._lost_master(now, "a new master answered")
+        elif kind == protocol.WELCOME:
+            self._welcome(msg, now)
+        elif kind == protocol.END:
+            logger.info("the run is over")
+            self.exit_status = EXIT_OK
+        elif kind == protocol.PAUSE:
+            self._lost_master(now, "the master is stopping")
+        elif kind == protocol.REHELLO:
+            self._lost_master(now, "the master does not know us (restarted?)")
+        elif kind == protocol.REFUSE:
+            self._give_up(EXIT_GAVE_UP, f"the master refused this worker: {msg[1]}")
+
+    def _welcome(self, msg: list[Any], now: float) -> None:
+        _, version, epoch, config = msg
+        if version != protocol.PROTOCOL_VERSION:
+            self._give_up(EXIT_GAVE_UP, f"the master speaks protocol {version}, this worker {protocol.PROTOCOL_VERSION}: run the same taskmaster version")
+            return
+        if self.epoch is not None and epoch != self.epoch:
+            logger.info("reconnected to a new master (epoch %d)", epoch)
+        self.epoch = epoch
+        self.welcomed = True
+        self.heartbeat_s = float(config.get("heartbeat_s", self.heartbeat_s))
+        self.liveness_s = float(config.get("liveness_s", self.liveness_s))
+        timeout = config.get("timeout_s")
+        self.timeout_s = float(timeout) if timeout else None
+
+    def _lost_master(self, now: float, why: str) -> None:
+        """Forget what the old master sent but we have not started, and say HELLO again."""
+        if self.welcomed:
+            logger.warning("%s: waiting up to %.0fs for a master", why, self.wait_s)
+        self.welcomed = False
+        self.dropped += self.queue.clear()
+        self._contact_deadline = now + self.wait_s
+        self._send_hello(now)
+
+    def _send_hello(self, now: float) -> None:
+        self._flush(now, force=True)
+        held = max(self.received - self._finished(), 0)
+        credit = max(0, self.window() - held)
+        self.granted = self._finished() + held + credit
+        self.transport.send(protocol.hello(socket.gethostname(), os.getpid(), self.slots, credit))
+        self._last_hello = now
+
+    def _flush(self, now: float, force: bool = False) -> None:
+        """Send finished jobs and fresh credit in one ACK."""
+        results = self.results
+        acks: list[tuple[int, int, int]] = []
+        failures: list[tuple[int, int, str, str, str]] = []
+        ok, failed = results.ok, results.failed
+        while ok:
+            acks.append(ok.popleft())
+        while failed:
+            failures.append(failed.popleft())
+        self._measure()
+        if not self.welcomed:
+            if acks or failures:
+                # The old master is gone; tell whoever listens (the ledger keeps the truth).
+                self.transport.send(protocol.ack(0, acks, failures))
+            return
+        credit = self._grant()
+        if acks or failures or credit:
+            self.transport.send(protocol.ack(credit, _merge(acks), failures))
+
+    def _measure(self) -> None:
+        finished = self.results.finished
+        jobs = finished - self.finished_seen
+        if jobs <= 0:
+            return
+        busy = self.results.busy_s - self._busy_seen
+        self.finished_seen = finished
+        self._busy_seen = self.results.busy_s
+        sample = busy * self.slots / jobs if busy > 0 else 1e-7
+        sample = max(sample, 1e-7)
+        self.job_time_s = sample if self.job_time_s == 0 else 0.7 * self.job_time_s + 0.3 * sample
+
+    def _tick(self, now: float) -> None:
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.heartbeat_s
+            running = self.results.running.copy()
+            if running:
+                job_id, (started, _) = min(running.items(), key=lambda item: item[1][0])
+                self.transport.send(protocol.heartbeat(job_id, now - started, self.results.finished))
+            else:
+                self.transport.send(protocol.heartbeat(-1, 0.0, self.results.finished))
+            self._check_timeout(now, running)
+        if self.welcomed:
+            if now - self._last_from_master > self.liveness_s:
+                self._lost_master(now, "no word from the master")
+            else:
+                self._contact_deadline = now + self.wait_s
+        else:
+            if now >= self._contact_deadline:
+                self._give_up(EXIT_GAVE_UP, f"no master answered at {self.transport.address} within --wait {self.wait_s:.0f}s")
+            elif now - self._last_hello > HELLO_RETRY_S:
+                self._send_hello(now)
+
+    def _check_timeout(self, now: float, running: dict[int, tuple[float, int]]) -> None:
+        if self.timeout_s is None or not running:
+            return
+        for job_id, (started, seq) in running.items():
+            if now - started > self.timeout_s:
+                logger.error("job=%d ran past --timeout %gs: replacing this worker", job_id, self.timeout_s)
+                self._flush(now)
+                message = f"ran longer than --timeout {self.timeout_s:g}s"
+                self.transport.send(protocol.ack(0, [], [(seq, job_id, "Timeout", message, "")]))
+                self.transport.send(protocol.bye("timeout"))
+                # The job cannot be interrupted safely in place: flush and leave the process;
+                # the supervisor starts a fresh worker.
+                self.transport.close(linger_s=2.0)
+                logging.shutdown()
+                os._exit(EXIT_TIMEOUT)
+
+
+def _merge(acks: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Join consecutive runs of the same batch, so an ACK carries few entries."""
+    if len(acks) < 2:
+        return acks
+    merged = [acks[0]]
+    for seq, first, count in acks[1:]:
+        last_seq, last_first, last_count = merged[-1]
+        if seq == last_seq and last_first + last_count == first:
+            merged[-1] = (seq, last_first, last_count + count)
+        else:
+            merged.append((seq, first, count))
+    return merged
+
+
+class Worker:
+    """One worker process: ``init_worker()`` once, then jobs until the master says the run is over."""
+
+    def __init__(
+        self,
+        address: str,
+        keys: Keys,
+        handle_job: Callable[[Any], Any],
+        *,
+        init_worker: Callable[[], Any] | None = None,
+        wait_s: float = 60.0,
+        threads: int = 1,
+        concurrency: int = 1,
+    ) -> None:
+        self.address = address
+        self.keys = keys
+        self.handle_job = handle_job
+        self.init_worker = init_worker
+        self.wait_s = wait_s
+        self.executor = make_executor(handle_job, threads=threads, concurrency=concurrency)
+
+    def run(self) -> int:
+        """Block until the run ends; return the process exit status."""
+        if self.init_worker is not None:
+            try:
+                self.init_worker()
+            except Exception:
+                logger.exception("init_worker() failed")
+                return EXIT_INIT_FAILED
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+
+        def wake() -> None:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(wake_w, b"x")
+
+        queue = JobQueue()
+        results = Results(wake)
+        transport = WorkerTransport(self.address, self.keys, os.urandom(8))
+        transport.register(wake_r)
+        session = Session(transport, queue, results, wake_r, slots=executor_slots(self.executor), wait_s=self.wait_s)
+        session.start()
+        try:
+            self.executor.run(queue, results)
+        finally:
+            queue.close()
+            session.stop_requested = True
+            wake()
+            session.join(timeout=5)
+            with contextlib.suppress(Exception):
+                if session.exit_status is None:
+                    transport.send(protocol.bye("interrupted"))
+                transport.close()
+            os.close(wake_r)
+            os.close(wake_w)
+        status = session.exit_status if session.exit_status is not None else EXIT_OK
+        if status != EXIT_OK:
+            raise WorkerGaveUp(session.exit_message or "the worker stopped")
+        return status
