@@ -236,7 +236,7 @@ def tm_invocation(scenario: str, p: Params) -> list[str]:
     tasks = workdir / f"tasks_{Path(template).stem}.py"
     shutil.copyfile(BENCH_DIR / "tasks" / template, tasks)
     kwargs = [f"n={p['n']}"] + ([f"iters={p['iters']}"] if scenario == "cpu" else [])
-    state = workdir / "state"  # fresh per run: no resume
+    state = workdir / "state.db"  # fresh per run: no resume
     return [
         *tm_run_command(),
         str(tasks),
@@ -258,14 +258,15 @@ def run_taskmaster(scenario: str, p: Params) -> Result:
     if scenario == "memory":  # run.py samples this PID: the master lives in tm-run
         sys.stdout.flush()
         os.execv(cmd[0], cmd)
-    stderr_path = Path(p["workdir"]) / "tm-run.stderr"
-    with stderr_path.open("wb") as stderr:
+    log_path = Path(p["workdir"]) / "tm-run.log"
+    with log_path.open("wb") as log:
         started = time.perf_counter()
-        rc = subprocess.call(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - started
     if rc != 0:
-        raise RuntimeError(f"tm-run exited {rc}: {last_line(stderr_path)}")
-    return {"seconds": seconds, "n": int(p["n"]), "extra": {"tm_args": p.get("tm_args", [])}}
+        raise RuntimeError(f"tm-run exited {rc}: {last_line(log_path)}")
+    extra = {"tm_args": p.get("tm_args", []), "summary": last_line(log_path)}
+    return {"seconds": seconds, "n": int(p["n"]), "extra": extra}
 
 
 def taskmaster_resume(p: Params) -> Result:

@@ -185,7 +185,7 @@ def plan(scenario: str, cfg: Config) -> list[Entry]:
     if scenario == "resume":
         return [Entry("taskmaster", {"n": 1, "watermark": RESUME_WATERMARK})]
     planner = {"throughput": plan_throughput, "cpu": plan_cpu, "memory": plan_memory}
-    entries = planner.get(scenario, plan_io)(cfg)
+    entries = planner[scenario](cfg) if scenario in planner else plan_io(cfg, scenario)
     return [e for name in CONTESTANTS for e in entries if e.contestant == name]
 
 
@@ -229,7 +229,7 @@ def plan_memory(cfg: Config) -> list[Entry]:
     return entries
 
 
-def plan_io(cfg: Config) -> list[Entry]:
+def plan_io(cfg: Config, scenario: str) -> list[Entry]:
     n = cfg.sizes.io_n
     entries = _everyone({"n": n, "batch": IO_BATCH})
     entries += _pool_best({"n": n}, POOL_BEST["io"], key="batch")
@@ -240,9 +240,9 @@ def plan_io(cfg: Config) -> list[Entry]:
         elif entry.contestant == "dask":
             entry.note = "threads_per_worker=50"
         elif entry.contestant == "taskmaster":
-            entry.note = "50 threads/coroutines per worker"
+            entry.note = "--threads 50" if scenario == "io-sleep" else "--concurrency 50"
         elif entry.contestant != "pool-best":
-            entry.note = f"batches of {IO_BATCH} on 50 threads/coroutines per worker"
+            entry.note = f"{IO_BATCH}-job batches, 50-way inside each worker"
     return entries
 
 

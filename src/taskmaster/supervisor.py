@@ -76,6 +76,7 @@ class Supervisor:
         self.stopping = False
         self._stop_deadline = 0.0
         self.interrupted = False
+        self.run_over = False
 
     def _spawn(self, slot: Slot) -> None:
         # Signals stay blocked across fork so a child never runs the parent's handlers.
@@ -139,6 +140,8 @@ class Supervisor:
         while not all(s.finished for s in self.slots):
             self.step(self.clock())
             time.sleep(0.05)
+        if self.run_over:
+            return EXIT_OK
         if self.interrupted:
             return EXIT_INTERRUPTED
         bad = [s for s in self.slots if s.status not in (0,)]
@@ -177,6 +180,11 @@ class Supervisor:
             return
         slot.status = status
         slot.pid = 0
+        if status == 0 and not self.run_over:
+            # One worker heard the master say the run is over: it is over for all of them,
+            # including any that connected too late to hear it.
+            self.run_over = True
+            self.request_stop(signal.SIGTERM)
         if self.stopping or not self.restart or status in NO_RESTART:
             slot.finished = True
             if status not in (0, EXIT_INTERRUPTED, 128 + signal.SIGTERM):

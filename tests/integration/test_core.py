@@ -1,0 +1,110 @@
+"""The core, end to end with real processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RECORDING_TASKS, Processes, read_record
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_tm_run_runs_each_job_exactly_once(procs: Processes, write_tasks, tmp_path: Path) -> None:
+    write_tasks(RECORDING_TASKS)
+    record = tmp_path / "record.txt"
+    result = procs.run("tm-run", "tasks.py", "2", "n=20000", "--no-progress", env={"TM_TEST_RECORD": str(record)})
+    assert result.returncode == 0, result.stderr
+    ran = collections.Counter(read_record(record))
+    assert sorted(ran) == list(range(20000))
+    assert set(ran.values()) == {1}
+    pids = {line.split()[1] for line in record.read_text().splitlines()}
+    assert len(pids) == 2, "both workers took jobs"
+    assert "done: 20,000 jobs" in result.stderr
+
+
+def test_seed_usage_master_then_spawn(procs: Processes, write_tasks, tmp_path: Path) -> None:
+    # The 2012 article's example: get_jobs(last=0) yields from a list; handle_job prints.
+    write_tasks(
+        """
+        values = list(range(300))
+
+        def get_jobs(last=0):
+            for v in values:
+                yield v
+
+        def handle_job(job):
+            print(job, flush=True)
+        """
+    )
+    master = procs.start("tm-master", "tasks.py")
+    spawn = procs.start("tm-spawn", "tasks.py", "4")
+    spawn_out, spawn_err = spawn.communicate(timeout=30)
+    _, master_err = master.communicate(timeout=30)
+    assert master.returncode == 0, master_err.decode()
+    assert spawn.returncode == 0, spawn_err.decode()
+    printed = collections.Counter(int(x) for x in spawn_out.decode().split())
+    assert sorted(printed) == list(range(300))
+    assert set(printed.values()) == {1}
+
+
+def test_spawn_before_master_also_works(procs: Processes, write_tasks, tmp_path: Path, endpoint: str) -> None:
+    write_tasks(RECORDING_TASKS)
+    record = tmp_path / "record.txt"
+    env = {"TM_TEST_RECORD": str(record)}
+    spawn = procs.start("tm-spawn", "tasks.py", "2", "--address", endpoint, env=env)
+    master = procs.start("tm-master", "tasks.py", "n=500", "--address", endpoint, "--no-progress", env=env)
+    assert master.wait(timeout=30) == 0
+    assert spawn.wait(timeout=30) == 0
+    assert sorted(read_record(record)) == list(range(500))
+
+
+def test_module_function_target_and_kwargs(procs: Processes, tmp_path: Path) -> None:
+    pkg = tmp_path / "jobs_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "work.py").write_text(
+        "import os\n"
+        "def numbers(start='0', stop='10'):\n"
+        "    yield from range(int(start), int(stop))\n"
+        "def handle_job(job):\n"
+        "    with open(os.environ['OUT'], 'a') as f:\n"
+        "        f.write(f'{job}\\n')\n"
+    )
+    out = tmp_path / "out.txt"
+    result = procs.run("tm-run", "jobs_pkg.work:numbers", "2", "start=5", "stop=50", "--no-progress", env={"OUT": str(out)})
+    assert result.returncode == 0, result.stderr
+    assert sorted(int(x) for x in out.read_text().split()) == list(range(5, 50))
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (None, "no such file"),
+        ("def get_jobs(:\n    pass\n", "syntax error"),
+        ("def handle_job(job):\n    pass\n", "no function get_jobs()"),
+        ("raise RuntimeError('boom at import')\n", "RuntimeError: boom at import"),
+    ],
+)
+def test_bad_tasks_file_exits_2_with_one_line(procs: Processes, tmp_path: Path, source: str | None, expected: str) -> None:
+    if source is not None:
+        (tmp_path / "tasks.py").write_text(source)
+    result = procs.run("tm-run", "tasks.py", "2", "--no-progress")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0] and "tasks.py" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_status_json_after_run(procs: Processes, write_tasks, tmp_path: Path) -> None:
+    write_tasks(RECORDING_TASKS)
+    env = {"TM_TEST_RECORD": str(tmp_path / "record.txt")}
+    assert procs.run("tm-run", "tasks.py", "2", "n=100", "--no-progress", env=env).returncode == 0
+    status = procs.run("tm", "status", "tasks.py", "n=100", "--json")
+    data = json.loads(status.stdout)
+    assert data["done"] == 100 and data["failed"] == 0 and data["watermark"] == 100
+    assert data["running"] is False and data["updated"]
