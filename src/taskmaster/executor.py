@@ -205,7 +205,14 @@ class ThreadExecutor(_Concurrent):
                     slots.acquire()
                     pool.submit(self._one, results, slots, batch.seq, batch.job_id(offset), payload)
 
-    def _one(self, results: Results, slots: threading.BoundedSemaphore, seq: int, job_id: int, payload: bytes) -> None:
+    def _one(
+        self,
+        results: Results,
+        slots: threading.BoundedSemaphore,
+        seq: int,
+        job_id: int,
+        payload: bytes,
+    ) -> None:
         self._started(results, seq, job_id)
         error: BaseException | None = None
         try:
@@ -237,13 +244,17 @@ class AsyncExecutor(_Concurrent):
                 break
             for offset, payload in enumerate(batch.payloads):
                 await slots.acquire()
-                task = loop.create_task(self._one(results, slots, batch.seq, batch.job_id(offset), payload))
+                task = loop.create_task(
+                    self._one(results, slots, batch.seq, batch.job_id(offset), payload)
+                )
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _one(self, results: Results, slots: asyncio.Semaphore, seq: int, job_id: int, payload: bytes) -> None:
+    async def _one(
+        self, results: Results, slots: asyncio.Semaphore, seq: int, job_id: int, payload: bytes
+    ) -> None:
         self._started(results, seq, job_id)
         error: BaseException | None = None
         try:
@@ -255,7 +266,9 @@ class AsyncExecutor(_Concurrent):
         self._ended(results, seq, job_id, error)
 
 
-def make_executor(handle_job: Callable[[Any], Any], *, threads: int = 1, concurrency: int = 1) -> SerialExecutor | ThreadExecutor | AsyncExecutor:
+def make_executor(
+    handle_job: Callable[[Any], Any], *, threads: int = 1, concurrency: int = 1
+) -> SerialExecutor | ThreadExecutor | AsyncExecutor:
     import inspect
 
     if inspect.iscoroutinefunction(handle_job):

@@ -94,7 +94,9 @@ def _total(options: MasterOptions) -> int | None:
         total = options.count_jobs(**options.kwargs)
         return int(total) if total is not None else None
     except Exception as exc:
-        logger.warning("count_jobs() failed, running without a total: %s: %s", type(exc).__name__, exc)
+        logger.warning(
+            "count_jobs() failed, running without a total: %s: %s", type(exc).__name__, exc
+        )
         return None
 
 
@@ -107,7 +109,8 @@ def _resume_jobs(options: MasterOptions, ledger: Ledger) -> tuple[Callable[[], I
         return (lambda: get_jobs(**kwargs)), 0
     if cp.resume_job is None or not accepts_last(get_jobs):
         logger.warning(
-            "get_jobs() takes no `last`: replaying %d done jobs from the start to resume", cp.watermark
+            "get_jobs() takes no `last`: replaying %d done jobs from the start to resume",
+            cp.watermark,
         )
         return (lambda: get_jobs(**kwargs)), 0
     last = pickle.loads(cp.resume_job)
@@ -139,14 +142,18 @@ def _resume_jobs(options: MasterOptions, ledger: Ledger) -> tuple[Callable[[], I
     return (lambda: chained), cp.resume_id
 
 
-def serve_master(options: MasterOptions, *, on_bound: Callable[[str], None] | None = None) -> Outcome:
+def serve_master(
+    options: MasterOptions, *, on_bound: Callable[[str], None] | None = None
+) -> Outcome:
     """Run a master to completion (or interruption) and return its outcome."""
     security.check_libzmq()
     address = security.normalize_address(options.address)
     secret = options.secret or security.master_secret(address, options.secret_file)
     keys = security.derive_keys(secret)
     state_path = options.state_path or default_state_path(options.label, options.kwargs)
-    reporter = make_reporter(options.progress, stream=options.stream, workers_table=options.workers_table)
+    reporter = make_reporter(
+        options.progress, stream=options.stream, workers_table=options.workers_table
+    )
     ledger = Ledger.open(state_path, _identity(options), reset=options.reset)
     try:
         return _serve(options, ledger, keys, address, reporter, on_bound)
@@ -192,7 +199,13 @@ def _serve(
             logger.warning("no recorded failures with a stored job to retry")
         retrying = {f.job_id: f.attempts for f in failures}
         items = [(f.job_id, f.job) for f in failures if f.job is not None]
-        feeder = Feeder(items, size=config.size, max_job_bytes=config.max_job_bytes, on_ready=on_ready, prepickled=True)
+        feeder = Feeder(
+            items,
+            size=config.size,
+            max_job_bytes=config.max_job_bytes,
+            on_ready=on_ready,
+            prepickled=True,
+        )
     else:
         if cp.exhausted:
             return _already_complete(ledger, reporter, options)
@@ -211,7 +224,15 @@ def _serve(
         if on_bound is not None:
             on_bound(transport.address)
         logger.info("master listening on %s, state %s", transport.address, ledger.path)
-        master = Master(transport, feeder, ledger, config, reporter=reporter, retry_attempts=retrying, failures_hint=options.failures_hint)
+        master = Master(
+            transport,
+            feeder,
+            ledger,
+            config,
+            reporter=reporter,
+            retry_attempts=retrying,
+            failures_hint=options.failures_hint,
+        )
         if retrying is not None:
             master.state.total = len(retrying)
         master.install_signal_handlers()
@@ -306,7 +327,7 @@ def run_all(master: MasterOptions, worker: WorkerOptions, n: int) -> Outcome:
     finally:
         _close_quietly(write_fd)
     # After END the workers leave by themselves; after an interruption they are told to.
-    _stop_child(pid, wait_first_s=0.0 if outcome.status == EXIT_INTERRUPTED else 5.0)
+    _stop_child(pid, wait_first_s=0.0 if outcome.status == EXIT_INTERRUPTED else 1.0)
     return outcome
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import heapq
 import logging
-import os
 import pickle
 import random
 import signal
@@ -39,6 +38,10 @@ MAX_BATCH = 4096
 REPORT_INTERVAL_S = 0.25
 STALL_MIN_S = 3.0
 STALL_FACTOR = 10.0
+# A group of suspect jobs this small is split into single jobs rather than halves.
+SUSPECT_SINGLES = 8
+# After a connection closes, a worker that does not answer a probe within this is lost.
+PROBE_WINDOW_S = 1.0
 
 
 class Transport(Protocol):
@@ -108,6 +111,19 @@ class WorkerState:
         return f"{self.host}:{self.pid}"
 
 
+def _chunk_of(jobs: list[tuple[int, bytes]]) -> Chunk:
+    ids = [job_id for job_id, _ in jobs]
+    return Chunk(ids[0], [payload for _, payload in jobs], ids)
+
+
+def _lowest(chunk: Chunk) -> tuple[int, bytes]:
+    """The lowest job id in a chunk, with its payload."""
+    if chunk.ids is None:
+        return chunk.first_id, chunk.payloads[0]
+    i = min(range(len(chunk.ids)), key=chunk.ids.__getitem__)
+    return chunk.ids[i], chunk.payloads[i]
+
+
 class Master:
     """Serve workers until every job ``feeder`` yields is resolved.
 
@@ -140,7 +156,10 @@ class Master:
         self.workers: dict[bytes, WorkerState] = {}
         self.leases: dict[int, Lease] = {}
         self.requeue: collections.deque[Chunk] = collections.deque()
-        self.suspects: collections.deque[tuple[int, bytes]] = collections.deque()
+        # Jobs that were out on a worker that died: one of them may have killed it. Each group
+        # goes alone to an idle worker; a group that dies again is halved, and a single job
+        # that dies again is blamed (an attempt), so a poison job is found in a few deaths.
+        self.suspects: collections.deque[Chunk] = collections.deque()
         self.delayed: list[tuple[float, int, bytes]] = []
         self.attempts: dict[int, int] = {}
         # --retry-failed: ids whose earlier failure is being retried, with its attempt count.
@@ -167,6 +186,9 @@ class Master:
         self.exit_status = EXIT_OK
         self.started_at = clock()
         self._next_ping = 0.0
+        self._disconnects_seen = 0
+        self._probe_sent = 0.0
+        self._probe_deadline = 0.0
         self._next_checkpoint = self.started_at + config.checkpoint_interval_s
         self._next_report = 0.0
         self._rate_samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=40)
@@ -191,6 +213,8 @@ class Master:
         if self.feeder.waiting and self.feeder.buffered:
             return 0.0
         timeout = min(self._next_ping, self._next_checkpoint) - self.clock()
+        if self._probe_deadline:
+            timeout = min(timeout, self._probe_deadline - self.clock())
         if self.delayed:
             timeout = min(timeout, self.delayed[0][0] - self.clock())
         return min(max(timeout, 0.0), REPORT_INTERVAL_S)
@@ -202,7 +226,11 @@ class Master:
         self._take_bad_jobs(now)
         if not self.stopping:
             self.dispatch(now)
-        if now >= self._next_ping:
+        disconnects = getattr(self.transport, "disconnects", 0)
+        if disconnects != self._disconnects_seen:
+            self._disconnects_seen = disconnects
+            self._probe(now)
+        if now >= self._next_ping or (self._probe_deadline and now >= self._probe_deadline):
             self._ping(now)
             self.expire(now)
         if now >= self._next_checkpoint:
@@ -219,7 +247,12 @@ class Master:
         except ProtocolError as exc:
             self.dropped_frames += 1
             if self.dropped_frames <= 10 or self.dropped_frames % 1000 == 0:
-                logger.warning("dropped frame from=%s: %s (%d so far)", identity.hex()[:8], exc, self.dropped_frames)
+                logger.warning(
+                    "dropped frame from=%s: %s (%d so far)",
+                    identity.hex()[:8],
+                    exc,
+                    self.dropped_frames,
+                )
             return
         worker = self.workers.get(identity)
         if isinstance(message, protocol.Ack):
@@ -242,8 +275,19 @@ class Master:
 
     def handle_hello(self, identity: bytes, hello: protocol.Hello, now: float) -> None:
         if hello.version != protocol.PROTOCOL_VERSION:
-            logger.warning("refused worker %s:%d: protocol %d, ours %d", hello.host, hello.pid, hello.version, protocol.PROTOCOL_VERSION)
-            self.transport.send(identity, protocol.refuse(f"protocol version {hello.version} is not {protocol.PROTOCOL_VERSION}: run the same taskmaster version on master and workers"))
+            logger.warning(
+                "refused worker %s:%d: protocol %d, ours %d",
+                hello.host,
+                hello.pid,
+                hello.version,
+                protocol.PROTOCOL_VERSION,
+            )
+            self.transport.send(
+                identity,
+                protocol.refuse(
+                    f"protocol version {hello.version} is not {protocol.PROTOCOL_VERSION}: run the same taskmaster version on master and workers"
+                ),
+            )
             return
         old = self.workers.get(identity)
         if old is not None:
@@ -333,15 +377,33 @@ class Master:
         if attempts <= self.config.retries and error != "Timeout":
             self.attempts[job_id] = attempts
             self.state.retried += 1
-            delay = min(self.config.retry_backoff_s * 2 ** (attempts - 1), self.config.retry_backoff_max_s)
+            delay = min(
+                self.config.retry_backoff_s * 2 ** (attempts - 1), self.config.retry_backoff_max_s
+            )
             delay *= random.uniform(0.5, 1.5)
             heapq.heappush(self.delayed, (now + delay, job_id, payload))
-            logger.info("retry job=%d attempt=%d in %.1fs after %s: %s", job_id, attempts + 1, delay, error, message)
+            logger.info(
+                "retry job=%d attempt=%d in %.1fs after %s: %s",
+                job_id,
+                attempts + 1,
+                delay,
+                error,
+                message,
+            )
             return
-        self._record_failure(job_id, payload, attempts, error, message, traceback, worker.name if worker else "?")
+        self._record_failure(
+            job_id, payload, attempts, error, message, traceback, worker.name if worker else "?"
+        )
 
     def _record_failure(
-        self, job_id: int, payload: bytes | None, attempts: int, error: str, message: str, traceback: str, worker: str
+        self,
+        job_id: int,
+        payload: bytes | None,
+        attempts: int,
+        error: str,
+        message: str,
+        traceback: str,
+        worker: str,
     ) -> None:
         self.attempts.pop(job_id, None)
         if self.retrying is not None:
@@ -354,7 +416,9 @@ class Master:
         else:
             self.state.failed += 1
         logger.warning("failed job=%d attempts=%d %s: %s", job_id, attempts, error, message)
-        self.ledger.record_failure(job_id, payload, self._describe(payload), attempts, error, message, traceback, worker)
+        self.ledger.record_failure(
+            job_id, payload, self._describe(payload), attempts, error, message, traceback, worker
+        )
 
     @staticmethod
     def _describe(payload: bytes | None) -> str:
@@ -370,7 +434,9 @@ class Master:
         for bad in self.feeder.drain_bad():
             if self.completed.add(bad.job_id, 1):
                 self.state.failed += 1
-                self.ledger.record_failure(bad.job_id, None, bad.job_repr, 1, bad.error, bad.message, "", "master")
+                self.ledger.record_failure(
+                    bad.job_id, None, bad.job_repr, 1, bad.error, bad.message, "", "master"
+                )
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -394,8 +460,7 @@ class Master:
         # A job that may have killed its worker goes alone to an idle worker, so a second
         # death blames exactly that job.
         if self.suspects and not worker.leases:
-            job_id, payload = self.suspects.popleft()
-            return Chunk(job_id, [payload], [job_id]), True
+            return self.suspects.popleft(), True
         if self.requeue:
             head = self.requeue[0]
             if len(head) <= n:
@@ -430,11 +495,28 @@ class Master:
         for identity in list(self.workers):
             self.transport.send(identity, frame)
 
+    def _probe(self, now: float) -> None:
+        """A connection closed: ask every worker to answer now, and drop the ones that don't."""
+        if self._probe_deadline:
+            return  # one probe at a time: a flood of disconnects costs one round
+        self._probe_sent = now
+        self._probe_deadline = now + PROBE_WINDOW_S
+        for identity in list(self.workers):
+            self.transport.send(identity, protocol.PROBE_FRAME)
+
     def expire(self, now: float) -> None:
         """Drop workers silent for longer than the liveness window; requeue their jobs."""
+        probed = self._probe_deadline and now >= self._probe_deadline
+        if probed:
+            self._probe_deadline = 0.0
         for worker in list(self.workers.values()):
-            if now - worker.last_seen > self.config.liveness_s:
-                logger.warning("lost worker=%s silent for %.1fs", worker.name, now - worker.last_seen)
+            if probed and worker.last_seen < self._probe_sent:
+                logger.warning("lost worker=%s: no answer to a probe", worker.name)
+                self._drop_worker(worker, now, lost=True)
+            elif now - worker.last_seen > self.config.liveness_s:
+                logger.warning(
+                    "lost worker=%s silent for %.1fs", worker.name, now - worker.last_seen
+                )
                 self._drop_worker(worker, now, lost=True)
 
     def _drop_worker(self, worker: WorkerState, now: float, *, lost: bool) -> None:
@@ -458,33 +540,46 @@ class Master:
         running = worker.running_s + (now - worker.running_seen)
         return worker.running_job if running > timeout else None
 
-    def _requeue_lease(self, lease: Lease, worker: WorkerState, lost: bool, timed_out: int | None) -> int:
-        pending = [(i, p) for i, p in zip(lease.chunk.id_list(), lease.chunk.payloads) if not self._is_resolved(i)]
-        if not pending:
-            return 0
-        if lost and lease.suspect and len(pending) == 1 or timed_out is not None:
-            kept = []
+    def _requeue_lease(
+        self, lease: Lease, worker: WorkerState, lost: bool, timed_out: int | None
+    ) -> int:
+        chunk = lease.chunk
+        pending = [
+            (i, p)
+            for i, p in zip(chunk.id_list(), chunk.payloads, strict=True)
+            if not self._is_resolved(i)
+        ]
+        if timed_out is not None:
             for job_id, payload in pending:
                 if job_id == timed_out:
-                    self._record_failure(job_id, payload, self.attempts.get(job_id, 0) + 1, "Timeout",
-                                         f"no answer within --timeout {self.config.timeout_s}s", "", worker.name)
-                elif lease.suspect:
+                    message = f"no answer within --timeout {self.config.timeout_s:g}s"
                     attempts = self.attempts.get(job_id, 0) + 1
-                    if attempts >= self.config.max_attempts:
-                        self._record_failure(job_id, payload, attempts, "WorkerLost",
-                                             f"the worker running it died {attempts} times", "", worker.name)
-                    else:
-                        self.attempts[job_id] = attempts
-                        self.suspects.append((job_id, payload))
-                else:
-                    kept.append((job_id, payload))
-            pending = kept
-        elif lost:
-            self.suspects.extend(pending)
-            return len(pending)
-        if pending:
-            ids = [i for i, _ in pending]
-            self.requeue.appendleft(Chunk(ids[0], [p for _, p in pending], ids))
+                    self._record_failure(
+                        job_id, payload, attempts, "Timeout", message, "", worker.name
+                    )
+            pending = [(i, p) for i, p in pending if i != timed_out]
+        if not pending:
+            return 0
+        if not lost:
+            self.requeue.appendleft(_chunk_of(pending))
+        elif len(pending) == 1 and lease.suspect:
+            job_id, payload = pending[0]
+            attempts = self.attempts.get(job_id, 0) + 1
+            if attempts >= self.config.max_attempts:
+                message = f"its worker died each of the {attempts} times it ran"
+                self._record_failure(
+                    job_id, payload, attempts, "WorkerLost", message, "", worker.name
+                )
+            else:
+                self.attempts[job_id] = attempts
+                self.suspects.append(_chunk_of(pending))
+        elif len(pending) <= SUSPECT_SINGLES or lease.suspect and len(pending) <= 2:
+            self.suspects.extend(_chunk_of([job]) for job in pending)
+        elif lease.suspect:
+            half = len(pending) // 2
+            self.suspects.extend((_chunk_of(pending[:half]), _chunk_of(pending[half:])))
+        else:
+            self.suspects.append(_chunk_of(pending))
         return len(pending)
 
     def _is_resolved(self, job_id: int) -> bool:
@@ -498,16 +593,9 @@ class Master:
         """The lowest unresolved job we hold (id, payload): what ``last`` must be on resume."""
         best: tuple[int, bytes] | None = None
         candidates: list[tuple[int, bytes]] = []
-        for lease in self.leases.values():
-            chunk = lease.chunk
-            if chunk.ids is None:
-                candidates.append((chunk.first_id, chunk.payloads[0]))
-            else:
-                i = min(range(len(chunk.ids)), key=chunk.ids.__getitem__)
-                candidates.append((chunk.ids[i], chunk.payloads[i]))
-        for chunk in self.requeue:
-            candidates.append((min(chunk.id_list()), chunk.payloads[chunk.id_list().index(min(chunk.id_list()))]))
-        candidates.extend(self.suspects)
+        candidates.extend(_lowest(lease.chunk) for lease in self.leases.values())
+        candidates.extend(_lowest(chunk) for chunk in self.requeue)
+        candidates.extend(_lowest(chunk) for chunk in self.suspects)
         candidates.extend((job_id, payload) for _, job_id, payload in self.delayed)
         head = self.feeder.peek_first()
         if head is not None:
@@ -562,7 +650,9 @@ class Master:
             rate=rate,
             stalled=self._stalled(now, rate),
             worker_rows=self._worker_rows(now),
-            phase="replaying" if self.feeder.replaying else ("stopping" if self.stopping else "running"),
+            phase="replaying"
+            if self.feeder.replaying
+            else ("stopping" if self.stopping else "running"),
             replayed=self.feeder.stats.replayed,
         )
 
@@ -587,7 +677,9 @@ class Master:
             if now - t0 >= 2.0:
                 w.rate = (w.done - d0) / (now - t0)
                 w.rate_mark = (now, w.done)
-            rows.append(WorkerRow(w.identity.hex()[:8], w.host, w.pid, w.done, w.rate, now - w.last_seen))
+            rows.append(
+                WorkerRow(w.identity.hex()[:8], w.host, w.pid, w.done, w.rate, now - w.last_seen)
+            )
         return tuple(rows)
 
     def _report(self, now: float) -> None:
@@ -596,7 +688,11 @@ class Master:
 
     def _check_finished(self, now: float) -> None:
         if self.stopping:
-            if self.force_stop or not self.leases or (self.stop_deadline is not None and now >= self.stop_deadline):
+            if (
+                self.force_stop
+                or not self.leases
+                or (self.stop_deadline is not None and now >= self.stop_deadline)
+            ):
                 self._finish(now, EXIT_INTERRUPTED)
             return
         if self.feeder.done and not self._outstanding():

@@ -23,6 +23,7 @@ Master → worker::
     END        [14]                                        the run is over: exit 0
     PAUSE      [15]                                        master stopping: drop queued jobs, wait
     REHELLO    [16]                                        unknown worker (new master): say HELLO
+    PROBE      [17]                                        answer with a HEARTBEAT now
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ PING = 13
 END = 14
 PAUSE = 15
 REHELLO = 16
+PROBE = 17
 
 # Bounds on what a worker may send. A frame outside them is dropped by the master.
 MAX_WORKER_FRAME_BYTES = 4 * 1024 * 1024
@@ -242,3 +244,4 @@ def ping(epoch: int) -> bytes:
 END_FRAME = pack([END])
 PAUSE_FRAME = pack([PAUSE])
 REHELLO_FRAME = pack([REHELLO])
+PROBE_FRAME = pack([PROBE])

@@ -98,6 +98,11 @@ class MasterTransport:
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
+        # A worker process that dies closes its TCP connection at once; counting disconnects
+        # lets the master probe its workers instead of waiting out the liveness window.
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self.disconnects = 0
         self.unroutable = 0
 
     def wake(self) -> None:
@@ -107,9 +112,16 @@ class MasterTransport:
 
     def poll(self, timeout_s: float) -> None:
         """Block until a frame or a wake-up arrives, or the timeout passes."""
-        self._poller.poll(max(0, int(timeout_s * 1000)))
+        events = dict(self._poller.poll(max(0, int(timeout_s * 1000))))
         with contextlib.suppress(BlockingIOError, OSError):
             os.read(self._wake_r, 4096)
+        if self._monitor in events:
+            while True:
+                try:
+                    self._monitor.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self.disconnects += 1
 
     def receive(self) -> Iterator[tuple[bytes, bytes]]:
         """Yield ``(worker identity, frame)`` for what is waiting now, without blocking."""
@@ -136,6 +148,8 @@ class MasterTransport:
             raise
 
     def close(self) -> None:
+        self.socket.disable_monitor()
+        self._monitor.close(0)
         self.socket.close()
         self.context.term()
         os.close(self._wake_r)

@@ -145,6 +145,8 @@ class Session(threading.Thread):
         elif kind == protocol.PING:
             if self.welcomed and msg[1] != self.epoch:
                 self._lost_master(now, "a new master answered")
+        elif kind == protocol.PROBE:
+            self._next_heartbeat = now  # a worker died somewhere: show we are alive
         elif kind == protocol.WELCOME:
             self._welcome(msg, now)
         elif kind == protocol.END:
@@ -160,7 +162,10 @@ class Session(threading.Thread):
     def _welcome(self, msg: list[Any], now: float) -> None:
         _, version, epoch, config = msg
         if version != protocol.PROTOCOL_VERSION:
-            self._give_up(EXIT_GAVE_UP, f"the master speaks protocol {version}, this worker {protocol.PROTOCOL_VERSION}: run the same taskmaster version")
+            self._give_up(
+                EXIT_GAVE_UP,
+                f"the master speaks protocol {version}, this worker {protocol.PROTOCOL_VERSION}: run the same taskmaster version",
+            )
             return
         if self.epoch is not None and epoch != self.epoch:
             logger.info("reconnected to a new master (epoch %d)", epoch)
@@ -226,7 +231,9 @@ class Session(threading.Thread):
             running = self.results.running.copy()
             if running:
                 job_id, (started, _) = min(running.items(), key=lambda item: item[1][0])
-                self.transport.send(protocol.heartbeat(job_id, now - started, self.results.finished))
+                self.transport.send(
+                    protocol.heartbeat(job_id, now - started, self.results.finished)
+                )
             else:
                 self.transport.send(protocol.heartbeat(-1, 0.0, self.results.finished))
             self._check_timeout(now, running)
@@ -237,7 +244,10 @@ class Session(threading.Thread):
                 self._contact_deadline = now + self.wait_s
         else:
             if now >= self._contact_deadline:
-                self._give_up(EXIT_GAVE_UP, f"no master answered at {self.transport.address} within --wait {self.wait_s:.0f}s")
+                self._give_up(
+                    EXIT_GAVE_UP,
+                    f"no master answered at {self.transport.address} within --wait {self.wait_s:.0f}s",
+                )
             elif now - self._last_hello > HELLO_RETRY_S:
                 self._send_hello(now)
 
@@ -246,7 +256,9 @@ class Session(threading.Thread):
             return
         for job_id, (started, seq) in running.items():
             if now - started > self.timeout_s:
-                logger.error("job=%d ran past --timeout %gs: replacing this worker", job_id, self.timeout_s)
+                logger.error(
+                    "job=%d ran past --timeout %gs: replacing this worker", job_id, self.timeout_s
+                )
                 self._flush(now)
                 message = f"ran longer than --timeout {self.timeout_s:g}s"
                 self.transport.send(protocol.ack(0, [], [(seq, job_id, "Timeout", message, "")]))
@@ -313,7 +325,14 @@ class Worker:
         results = Results(wake)
         transport = WorkerTransport(self.address, self.keys, os.urandom(8))
         transport.register(wake_r)
-        session = Session(transport, queue, results, wake_r, slots=executor_slots(self.executor), wait_s=self.wait_s)
+        session = Session(
+            transport,
+            queue,
+            results,
+            wake_r,
+            slots=executor_slots(self.executor),
+            wait_s=self.wait_s,
+        )
         session.start()
         try:
             self.executor.run(queue, results)
