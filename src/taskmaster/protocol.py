@@ -16,7 +16,8 @@ Worker → master::
 
 Master → worker::
 
-    WELCOME    [10, version, epoch, {"heartbeat_s": float, "liveness_s": float, "timeout_s": float|None}]
+    WELCOME    [10, version, epoch, config]
+                 config:   {"heartbeat_s": float, "liveness_s": float, "timeout_s": float|None}
     REFUSE     [11, reason]                                version mismatch or shutting down
     JOBS       [12, seq, ids, [payload, …]]                ids: first id (int) or a list of ids
     PING       [13, epoch]                                 master heartbeat
@@ -28,6 +29,7 @@ Master → worker::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +72,11 @@ def pack(message: list[Any]) -> bytes:
 
 def unpack_from_master(frame: bytes) -> list[Any]:
     """Decode a message sent by the master (trusted once CURVE has authenticated it)."""
-    msg = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=False)
-    if not isinstance(msg, list) or not msg or not isinstance(msg[0], int):
+    try:
+        msg = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ProtocolError(f"undecodable frame: {type(exc).__name__}") from None
+    if not isinstance(msg, list) or not msg or type(msg[0]) is not int:
         raise ProtocolError("not a taskmaster message")
     return msg
 
@@ -119,9 +124,10 @@ def _text(value: Any, limit: int) -> str:
     return value[:limit]
 
 
-def _number(value: Any) -> float:
-    if type(value) not in (int, float):
-        raise ProtocolError("expected a number")
+def _seconds(value: Any) -> float:
+    # `not 0 <= x < inf` also rejects NaN, which every comparison would let through later.
+    if type(value) not in (int, float) or not 0.0 <= value < math.inf:
+        raise ProtocolError("expected a duration in seconds")
     return float(value)
 
 
@@ -144,7 +150,8 @@ def decode_from_worker(frame: bytes) -> WorkerMessage:
             strict_map_key=True,
             max_bin_len=0,
             max_ext_len=0,
-            max_str_len=MAX_TRACEBACK,
+            # In bytes, while the text limits count characters (up to 4 UTF-8 bytes each).
+            max_str_len=4 * MAX_TRACEBACK,
             max_array_len=MAX_ENTRIES,
             max_map_len=16,
         )
@@ -153,11 +160,13 @@ def decode_from_worker(frame: bytes) -> WorkerMessage:
     if not isinstance(msg, list) or not msg:
         raise ProtocolError("not a message array")
     kind = msg[0]
+    if type(kind) is not int:  # True == 1 and 1.0 == 1: neither is HELLO
+        raise ProtocolError(f"bad message type {kind!r:.20}")
     try:
         if kind == ACK and len(msg) == 4:
             return _decode_ack(msg)
         if kind == HEARTBEAT and len(msg) == 4:
-            return Heartbeat(_int(msg[1], -1), _number(msg[2]), _int(msg[3]))
+            return Heartbeat(_int(msg[1], -1), _seconds(msg[2]), _int(msg[3]))
         if kind == HELLO and len(msg) == 4:
             return _decode_hello(msg)
         if kind == BYE and len(msg) == 2:
