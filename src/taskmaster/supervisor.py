@@ -22,9 +22,13 @@ EXIT_OK = 0
 EXIT_WORKERS_FAILED = 1
 EXIT_INTERRUPTED = 130
 
-# Exit statuses a worker uses on purpose (see worker.py): the run is over, it gave up on the
-# master, or it was interrupted. None is a crash, so none is restarted.
-NO_RESTART = {0, 3, 130}
+# Exit statuses a worker uses on purpose (see worker.py and errors.py): the run is over, bad
+# usage or configuration (restarting cannot fix it), it gave up on the master, or it was
+# interrupted. None is a crash, so none is restarted.
+NO_RESTART = {0, 2, 3, 130}
+# A worker that left on purpose to be replaced (a job overran --timeout and cannot be
+# interrupted in place): restarted at once, without growing the crash-loop backoff.
+EXIT_REPLACE = 4
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 # A worker that lived this long before dying resets the crash-loop backoff.
@@ -65,12 +69,14 @@ class Supervisor:
         *,
         restart: bool = True,
         watch_parent: bool = False,
+        stop_grace_s: float = STOP_GRACE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.slots = [Slot(i) for i in range(n)]
         self.worker_main = worker_main
         self.restart = restart
         self.watch_parent = watch_parent
+        self.stop_grace_s = stop_grace_s
         self._parent = os.getppid()
         self.clock = clock
         self.stopping = False
@@ -80,13 +86,18 @@ class Supervisor:
 
     def _spawn(self, slot: Slot) -> None:
         # Signals stay blocked across fork so a child never runs the parent's handlers.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD})
+        old = signal.pthread_sigmask(
+            signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+        )
         try:
             pid = os.fork()
             if pid == 0:  # the child
                 status = 1
                 try:
-                    signal.signal(signal.SIGINT, signal.default_int_handler)
+                    # An ignored SIGINT stays ignored (tm-run: the master decides when its
+                    # workers stop, so a Ctrl-C to the whole group lets jobs finish).
+                    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                        signal.signal(signal.SIGINT, signal.default_int_handler)
                     signal.signal(signal.SIGTERM, _terminate)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -103,11 +114,13 @@ class Supervisor:
                         sys.stdout.flush()
                         sys.stderr.flush()
                     os._exit(status)
+            # Recorded before signals are unblocked, so a stop requested by a signal that
+            # arrived during the fork reaches this child too.
+            slot.pid = pid
+            slot.started = self.clock()
+            slot.restart_at = None
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        slot.pid = pid
-        slot.started = self.clock()
-        slot.restart_at = None
         logger.debug("started worker pid=%d slot=%d", pid, slot.index)
 
     def start(self) -> None:
@@ -121,7 +134,7 @@ class Supervisor:
         """Stop restarting and pass the signal on to every worker."""
         if not self.stopping:
             self.stopping = True
-            self._stop_deadline = self.clock() + STOP_GRACE_S
+            self._stop_deadline = self.clock() + self.stop_grace_s
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -187,15 +200,25 @@ class Supervisor:
             self.request_stop(signal.SIGTERM)
         if self.stopping or not self.restart or status in NO_RESTART:
             slot.finished = True
-            if status not in (0, EXIT_INTERRUPTED, 128 + signal.SIGTERM):
+            if status not in (0, EXIT_REPLACE, EXIT_INTERRUPTED, 128 + signal.SIGTERM):
                 logger.warning("worker slot=%d exited with status %d", slot.index, status)
             return
         lived = now - slot.started
+        if status == EXIT_REPLACE:
+            logger.info("worker slot=%d left to be replaced after a job timeout", slot.index)
+            slot.restart_at = now
+            return
         if lived >= HEALTHY_AFTER_S:
             slot.backoff_s = 0.0
         delay = slot.backoff_s
         slot.backoff_s = min(max(slot.backoff_s * 2, BACKOFF_START_S), BACKOFF_MAX_S)
-        logger.warning("worker slot=%d died (status %d) after %.1fs: restarting in %.1fs", slot.index, status, lived, delay)
+        logger.warning(
+            "worker slot=%d died (status %d) after %.1fs: restarting in %.1fs",
+            slot.index,
+            status,
+            lived,
+            delay,
+        )
         slot.restart_at = now + delay
 
 

@@ -1,0 +1,300 @@
+"""Supervisor with real forked children: restart, backoff, one exit status, signals.
+
+Each child runs a tiny ``worker_main`` that leaves marks in the test's directory; the tests
+step the supervisor by hand (``step(now)``, with a fake clock where time matters) or let
+``run()`` block, and never sleep to synchronise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from taskmaster import supervisor as supervisor_module
+from taskmaster.supervisor import (
+    BACKOFF_MAX_S,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REPLACE,
+    EXIT_WORKERS_FAILED,
+    HEALTHY_AFTER_S,
+    Supervisor,
+)
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def mark(path: Path, text: str = "") -> None:
+    """Append one line atomically: safe from several children at once."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{os.getpid()} {text}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def gone(pid: int) -> bool:
+    """The process no longer runs (absent, or a zombie nobody reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+@pytest.fixture
+def children() -> Iterator[list[int]]:
+    """PIDs a test forked outside a Supervisor, and workers it learned of: killed in teardown."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def settle(sup: Supervisor, clock: Callable[[], float], until: Callable[[], bool]) -> None:
+    """Step ``sup`` until ``until()`` holds (children exit in real time)."""
+
+    def stepped() -> bool:
+        sup.step(clock())
+        return until()
+
+    wait_until(stepped, timeout=10, interval=0.005)
+
+
+def stop_all(sup: Supervisor) -> None:
+    sup.request_stop(signal.SIGKILL)
+    settle(sup, time.monotonic, lambda: all(s.finished for s in sup.slots))
+
+
+def test_a_crashed_worker_is_restarted(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+
+    def main(index: int) -> int:
+        mark(runs)
+        if len(lines(runs)) == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # the first one dies hard
+        return EXIT_OK
+
+    sup = Supervisor(1, main)
+    assert sup.run() == EXIT_OK
+    assert len(lines(runs)) == 2
+    assert sup.slots[0].restarts == 1
+    assert sup.slots[0].status == EXIT_OK
+
+
+def next_delay(sup: Supervisor, clock: FakeClock) -> float:
+    """Wait for the only worker to die; return the restart delay and restart it."""
+    slot = sup.slots[0]
+    pid, restarts = slot.pid, slot.restarts
+    # A zero delay restarts it within the same step that reaps it.
+    settle(sup, clock, lambda: slot.restart_at is not None or slot.restarts > restarts)
+    if slot.restart_at is None:
+        assert slot.pid != pid
+        return 0.0
+    delay = slot.restart_at - clock.now
+    clock.now = slot.restart_at
+    sup.step(clock.now)  # due: restarted
+    assert slot.restart_at is None and slot.restarts == restarts + 1
+    return delay
+
+
+def test_backoff_grows_while_a_worker_keeps_dying_young(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sup = Supervisor(1, lambda index: 1, clock=clock)
+    sup.start()
+    try:
+        delays = [next_delay(sup, clock) for _ in range(8)]
+        assert delays == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, BACKOFF_MAX_S]
+        # A worker that lived long enough before dying is healthy again: restarted at once.
+        clock.now += HEALTHY_AFTER_S  # before the step that reaps it
+        assert next_delay(sup, clock) == 0.0
+        assert next_delay(sup, clock) == 0.5
+    finally:
+        stop_all(sup)
+
+
+def test_a_replaced_worker_comes_back_at_once_without_backoff(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sup = Supervisor(1, lambda index: EXIT_REPLACE, clock=clock)
+    sup.start()
+    try:
+        assert [next_delay(sup, clock) for _ in range(4)] == [0.0] * 4
+        assert sup.slots[0].backoff_s == 0.0
+    finally:
+        stop_all(sup)
+
+
+def test_exit_replace_is_the_workers_timeout_status() -> None:
+    from taskmaster import worker
+
+    assert EXIT_REPLACE == worker.EXIT_TIMEOUT
+    assert worker.EXIT_GAVE_UP in supervisor_module.NO_RESTART
+
+
+@pytest.mark.parametrize("status", [2, 3])
+def test_deliberate_exits_are_not_restarted(tmp_path: Path, status: int) -> None:
+    runs = tmp_path / "runs"
+
+    def main(index: int) -> int:
+        mark(runs)
+        return status
+
+    sup = Supervisor(2, main)
+    assert sup.run() == EXIT_WORKERS_FAILED
+    assert len(lines(runs)) == 2
+    assert [s.restarts for s in sup.slots] == [0, 0]
+
+
+def test_one_worker_hearing_the_end_ends_the_run_for_all(tmp_path: Path) -> None:
+    up = tmp_path / "up"
+
+    def main(index: int) -> int:
+        if index == 0:
+            # Wait for the others, so they are mid-"job" when the run ends.
+            wait_until(lambda: len(lines(up)) == 2, timeout=10)
+            return EXIT_OK
+        mark(up)
+        time.sleep(60)
+        return 1
+
+    sup = Supervisor(3, main)
+    started = time.monotonic()
+    assert sup.run() == EXIT_OK
+    assert time.monotonic() - started < 10
+    assert [s.status for s in sup.slots] == [EXIT_OK, EXIT_INTERRUPTED, EXIT_INTERRUPTED]
+    assert all(s.restarts == 0 for s in sup.slots)
+
+
+def test_sigterm_is_forwarded_to_every_worker(tmp_path: Path, children: list[int]) -> None:
+    up, stopped = tmp_path / "up", tmp_path / "stopped"
+
+    def main(index: int) -> int:
+        mark(up, str(index))
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            mark(stopped, str(index))
+            raise
+        return 1
+
+    pid = os.fork()
+    if pid == 0:  # the supervisor process, as tm-spawn runs it
+        status = 99
+        try:
+            sup = Supervisor(2, main)
+            sup.install_signal_handlers()
+            status = sup.run()
+        finally:
+            os._exit(status)
+    children.append(pid)
+    wait_until(lambda: len(lines(up)) == 2)
+    children.extend(int(line.split()[0]) for line in lines(up))
+    os.kill(pid, signal.SIGTERM)
+    status = _wait_status(pid, timeout=10)
+    assert status == EXIT_INTERRUPTED
+    assert sorted(line.split()[1] for line in lines(stopped)) == ["0", "1"]
+    assert len(lines(up)) == 2, "no worker was restarted after the stop"
+
+
+def test_a_worker_ignoring_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
+    up = tmp_path / "up"
+
+    def main(index: int) -> int:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        mark(up)
+        time.sleep(60)
+        return 1
+
+    sup = Supervisor(1, main, stop_grace_s=0.2)
+    sup.start()
+    try:
+        settle(sup, time.monotonic, lambda: bool(lines(up)))
+        sup.request_stop(signal.SIGTERM)
+        settle(sup, time.monotonic, lambda: sup.slots[0].finished)
+        assert sup.slots[0].status == 128 + signal.SIGKILL
+        assert sup.slots[0].restarts == 0
+    finally:
+        stop_all(sup)
+
+
+def test_workers_keep_an_ignored_sigint(tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+
+    def main(index: int) -> int:
+        ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        mark(seen, "ignored" if ignored else "handled")
+        return EXIT_OK
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert Supervisor(1, main).run() == EXIT_OK
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert Supervisor(1, main).run() == EXIT_OK
+    assert [line.split()[1] for line in lines(seen)] == ["ignored", "handled"]
+
+
+def test_workers_stop_when_the_parent_dies(tmp_path: Path, children: list[int]) -> None:
+    up = tmp_path / "up"
+    supervisor_pid = tmp_path / "supervisor"
+
+    def main(index: int) -> int:
+        mark(up)
+        time.sleep(60)
+        return 1
+
+    parent = os.fork()
+    if parent == 0:  # plays tm-run's master: forks the supervisor, then waits to be killed
+        try:
+            pid = os.fork()
+            if pid == 0:
+                status = 99
+                try:
+                    mark(supervisor_pid)
+                    status = Supervisor(1, main, watch_parent=True).run()
+                finally:
+                    os._exit(status)
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    children.append(parent)
+    wait_until(lambda: lines(up) and lines(supervisor_pid))
+    worker = int(lines(up)[0].split()[0])
+    sup = int(lines(supervisor_pid)[0].split()[0])
+    children.extend([worker, sup])
+    os.kill(parent, signal.SIGKILL)
+    os.waitpid(parent, 0)
+    wait_until(lambda: gone(worker) and gone(sup), timeout=10)
+    assert len(lines(up)) == 1, "the worker was not restarted"
+
+
+def _wait_status(pid: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} did not exit within {timeout}s")
