@@ -96,7 +96,7 @@ class Results:
         self.ok: collections.deque[tuple[int, int, int]] = collections.deque()
         self.failed: collections.deque[tuple[int, int, str, str, str]] = collections.deque()
         self.finished = 0  # jobs finished, ok or not (read by the I/O thread for credit)
-        self.busy_s = 0.0  # wall time spent with at least one job running
+        self.busy_s = 0.0  # the sum of the finished jobs' durations
         self.running: dict[int, tuple[float, int]] = {}
         self._wake = wake
 
@@ -161,24 +161,15 @@ class _Concurrent:
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self._lock = threading.Lock()
-        self._active = 0
-        self._active_since = 0.0
 
     def _started(self, results: Results, seq: int, job_id: int) -> None:
-        now = _monotonic()
-        with self._lock:
-            if self._active == 0:
-                self._active_since = now
-            self._active += 1
-            results.running[job_id] = (now, seq)
+        results.running[job_id] = (_monotonic(), seq)
 
     def _ended(self, results: Results, seq: int, job_id: int, exc: BaseException | None) -> None:
         now = _monotonic()
         with self._lock:
-            results.running.pop(job_id, None)
-            self._active -= 1
-            if self._active == 0:
-                results.busy_s += now - self._active_since
+            started = results.running.pop(job_id, (now, seq))[0]
+            results.busy_s += now - started
             if exc is None:
                 results.ok.append((seq, job_id, 1))
             else:

@@ -185,6 +185,7 @@ class Master:
         self.finished = False
         self.exit_status = EXIT_OK
         self.started_at = clock()
+        self.first_dispatch_s: float | None = None
         self._next_ping = 0.0
         self._disconnects_seen = 0
         self._probe_sent = 0.0
@@ -482,6 +483,9 @@ class Master:
             self._drop_worker(worker, now, lost=False)
             return
         n = len(chunk)
+        if self.first_dispatch_s is None:
+            self.first_dispatch_s = now - self.started_at
+            logger.info("first dispatch after %.3fs job=%d", self.first_dispatch_s, _lowest(chunk)[0])
         worker.credit -= n
         worker.leases.add(seq)
         self.leases[seq] = Lease(seq, worker.identity, chunk, now, n, suspect)

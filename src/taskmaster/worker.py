@@ -214,6 +214,7 @@ class Session(threading.Thread):
             self.transport.send(protocol.ack(credit, _merge(acks), failures))
 
     def _measure(self) -> None:
+        """Update the mean duration of one job from what finished since the last look."""
         finished = self.results.finished
         jobs = finished - self.finished_seen
         if jobs <= 0:
@@ -221,8 +222,7 @@ class Session(threading.Thread):
         busy = self.results.busy_s - self._busy_seen
         self.finished_seen = finished
         self._busy_seen = self.results.busy_s
-        sample = busy * self.slots / jobs if busy > 0 else 1e-7
-        sample = max(sample, 1e-7)
+        sample = max(busy / jobs, 1e-7)
         self.job_time_s = sample if self.job_time_s == 0 else 0.7 * self.job_time_s + 0.3 * sample
 
     def _tick(self, now: float) -> None:
