@@ -76,7 +76,12 @@ def read_secret_file(path: Path) -> str:
     except OSError as exc:
         raise UsageError(f"cannot read secret file {path}: {exc.strerror}") from exc
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        logger.warning("secret file %s is readable by others: chmod 600 %s", path, path)
+        logger.warning(
+            "secret file %s can be read by group or others (mode %03o): chmod 600 %s",
+            path,
+            stat.S_IMODE(mode),
+            path,
+        )
     if not text:
         raise UsageError(f"secret file {path} is empty: write one with `tm secret > {path}`")
     return text
@@ -96,8 +101,10 @@ def local_secret(directory: Path | None = None) -> str:
     if path.exists():
         return read_secret_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".secret.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A name no other process can be using (pids repeat across containers sharing a directory),
+    # written in full before it becomes visible under the real name.
+    tmp = path.with_name(f".secret.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, (generate_secret() + "\n").encode())
         os.fsync(fd)
@@ -106,6 +113,7 @@ def local_secret(directory: Path | None = None) -> str:
     try:
         # link() fails if another process got there first: then both use the winner's secret.
         os.link(tmp, path)
+        logger.info("created a local secret in %s (mode 0600)", path)
     except FileExistsError:
         pass
     finally:

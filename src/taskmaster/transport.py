@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hmac
 import logging
 import os
 import threading
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 import zmq
+from zmq.utils import z85
 
 from .errors import SecurityError, UsageError
 from .security import Keys
@@ -40,29 +42,36 @@ class ZapHandler(threading.Thread):
         self.denied = 0
 
     def run(self) -> None:
-        from zmq.utils import z85
-
         sock = self._socket
         while True:
             try:
                 frames = sock.recv_multipart()
-            except zmq.ContextTerminated:
+            except zmq.ZMQError:  # ContextTerminated included: the master is closing
                 break
-            except zmq.ZMQError:
-                break
-            if len(frames) < 6:
-                continue
+            if len(frames) < 6:  # libzmq never sends this; REP must still answer
+                frames = [b"1.0", frames[1] if len(frames) > 1 else b"", b"", b"", b"", b""]
             version, request_id, _domain, address, _identity, mechanism = frames[:6]
-            ok = mechanism == b"CURVE" and len(frames) == 7 and z85.encode(frames[6]) == self._allowed
+            ok = self.allows(mechanism, frames[6:])
             if not ok:
                 self.denied += 1
-                logger.warning("refused connection from %s: wrong secret", address.decode(errors="replace"))
-            reply = [version, request_id, b"200" if ok else b"400", b"OK" if ok else b"denied", b"", b""]
+                if self.denied <= 10 or self.denied % 1000 == 0:
+                    logger.warning(
+                        "refused connection from=%s: wrong secret (%d so far)",
+                        address.decode(errors="replace"),
+                        self.denied,
+                    )
+            status = (b"200", b"OK") if ok else (b"400", b"denied")
             try:
-                sock.send_multipart(reply)
+                sock.send_multipart([version, request_id, *status, b"", b""])
             except zmq.ZMQError:
                 break
         sock.close(0)
+
+    def allows(self, mechanism: bytes, credentials: list[bytes]) -> bool:
+        """Whether a ZAP request carries the worker key (CURVE only, nothing else)."""
+        if mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
+            return False
+        return hmac.compare_digest(z85.encode(credentials[0]), self._allowed)
 
 
 class MasterTransport:
@@ -201,6 +210,7 @@ class WorkerTransport:
         self._poller.register(self._monitor, zmq.POLLIN)
         self._pending_connect = False
         self.failed_handshakes = 0
+        self.refused = False
         self.handshakes = 0
         self.connected_at: float | None = None
 
@@ -221,31 +231,39 @@ class WorkerTransport:
             try:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
             except zmq.Again:
-                return
-            if event == zmq.EVENT_CONNECTED:
-                self._pending_connect = True
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._pending_connect = False
-                self.failed_handshakes = 0
-                self.handshakes += 1
-                self.connected_at = time.monotonic()
-            elif event == zmq.EVENT_DISCONNECTED:
-                self.connected_at = None
-                if self._pending_connect:
-                    self._pending_connect = False
-                    self.failed_handshakes += 1
-            elif event & (
-                zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-            ):
+                break
+            self._on_event(event)
+        if self.refused or self.failed_handshakes >= self.MAX_FAILED_HANDSHAKES:
+            raise HandshakeFailed(
+                f"cannot authenticate with the master at {self.address} (CURVE handshake "
+                f"failed {self.failed_handshakes} times): most likely this worker's secret is "
+                "not the master's; use the same --secret-file or TM_SECRET on both sides"
+            )
+
+    def _on_event(self, event: int) -> None:
+        if event == zmq.EVENT_CONNECTED:
+            self._pending_connect = True
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._pending_connect = False
+            self.failed_handshakes = 0
+            self.handshakes += 1
+            self.connected_at = time.monotonic()
+        elif event == zmq.EVENT_DISCONNECTED:
+            self.connected_at = None
+            if self._pending_connect:
                 self._pending_connect = False
                 self.failed_handshakes += 1
-        if self.failed_handshakes >= self.MAX_FAILED_HANDSHAKES:
-            raise HandshakeFailed(
-                f"the master at {self.address} refused the handshake {self.failed_handshakes} "
-                "times: this worker's secret is not the master's (check --secret-file / TM_SECRET)"
-            )
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            # The master (it holds the key we pinned) rejected our key through ZAP. libzmq does
+            # not reconnect after that, so waiting for more failures would wait forever.
+            self._pending_connect = False
+            self.failed_handshakes += 1
+            self.refused = True
+        elif event & (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            # A master with another secret cannot decrypt our HELLO and hangs up: libzmq
+            # reports that here, then reconnects, so a few in a row mean a wrong secret.
+            self._pending_connect = False
+            self.failed_handshakes += 1
 
     def receive(self) -> Iterator[bytes]:
         recv = self.socket.recv
@@ -259,6 +277,8 @@ class WorkerTransport:
         self.socket.send(frame, zmq.NOBLOCK, copy=len(frame) < 65536)
 
     def close(self, linger_s: float = 2.0) -> None:
+        if self.connected_at is None and self.failed_handshakes:
+            linger_s = 0.0  # what is queued can never be delivered: do not wait for it
         self.socket.disable_monitor()
         self._monitor.close(0)
         self.socket.close(int(linger_s * 1000))
