@@ -66,6 +66,30 @@ def load_module(target: Target) -> ModuleType:
     return module
 
 
+def _one_line(text: object) -> str:
+    """Error texts go on one line of the CLI's output, whatever the exception put in them."""
+    return " ".join(str(text).split())
+
+
+def _module_name(path: Path) -> str:
+    """The name a tasks file is registered under, the same in the master and every worker.
+
+    Its stem, as ``python tasks.py`` would import it, unless that would replace a module this
+    process relies on (a ``time.py`` or ``queue.py`` of tasks must not become ``time``).
+    """
+    stem = path.stem
+    if not stem.isidentifier():
+        return "taskmaster_tasks"
+    existing = sys.modules.get(stem)
+    clash = existing is not None and (
+        getattr(existing, "__file__", None) is None
+        or os.path.realpath(existing.__file__ or "") != os.path.realpath(path)
+    )
+    if stem in sys.stdlib_module_names or clash:
+        return f"taskmaster_tasks_{stem}"
+    return stem
+
+
 def _load_path(path_text: str) -> ModuleType:
     path = Path(path_text)
     if not path.is_file():
@@ -74,7 +98,7 @@ def _load_path(path_text: str) -> ModuleType:
     # Let tasks.py import its sibling modules, as `python tasks.py` would.
     if directory not in sys.path:
         sys.path.insert(0, directory)
-    name = path.stem if path.stem.isidentifier() else "taskmaster_tasks"
+    name = _module_name(path)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise TargetError(f"{path_text}: cannot be loaded as a Python module")
@@ -83,13 +107,32 @@ def _load_path(path_text: str) -> ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except SyntaxError as exc:
+    except BaseException as exc:
         sys.modules.pop(name, None)
-        raise TargetError(f"{path_text}:{exc.lineno}: syntax error: {exc.msg}") from exc
-    except Exception as exc:
-        sys.modules.pop(name, None)
-        raise TargetError(f"{path_text}: failed to import: {type(exc).__name__}: {exc}") from exc
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise _import_failed(path_text, exc) from exc
     return module
+
+
+def _import_failed(name: str, exc: BaseException) -> TargetError:
+    if isinstance(exc, SyntaxError):
+        # The file at fault may be a module the tasks file imports, not the tasks file.
+        where = _shown_path(exc.filename, name)
+        return TargetError(f"{where}:{exc.lineno}: syntax error: {_one_line(exc.msg)}")
+    if isinstance(exc, SystemExit):
+        return TargetError(f"{name}: exited while being imported (exit status {exc.code!r})")
+    return TargetError(f"{name}: failed to import: {type(exc).__name__}: {_one_line(exc)}")
+
+
+def _shown_path(filename: str | None, name: str) -> str:
+    """``filename`` as the user would write it: the target's own spelling, or relative."""
+    if not filename:
+        return name
+    if os.path.realpath(filename) == os.path.realpath(name):
+        return name
+    relative = os.path.relpath(filename)
+    return filename if relative.startswith("..") else relative
 
 
 def _load_dotted(name: str) -> ModuleType:
@@ -98,13 +141,15 @@ def _load_dotted(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
-        if exc.name and name.startswith(exc.name):
+        # Only when `name` itself (or a package on its path) is missing: a module the target
+        # imports that is missing is an import error of the target, said as such.
+        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
             raise TargetError(f"{name}: no such module or file") from exc
-        raise TargetError(f"{name}: failed to import: {exc}") from exc
-    except SyntaxError as exc:
-        raise TargetError(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from exc
-    except Exception as exc:
-        raise TargetError(f"{name}: failed to import: {type(exc).__name__}: {exc}") from exc
+        raise _import_failed(name, exc) from exc
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        raise _import_failed(name, exc) from exc
 
 
 def load_function(target: Target, name: str, *, required: bool = True) -> Callable[..., Any] | None:
@@ -148,12 +193,21 @@ def worker_callables(target: Target, handle_job_name: str | None = None) -> Work
 
 
 def accepts_last(get_jobs: Callable[..., Any]) -> bool:
-    """Whether ``get_jobs`` can be told where to resume (a ``last`` parameter or ``**kwargs``)."""
+    """Whether ``get_jobs`` can be told where to resume: a ``last`` parameter, by keyword.
+
+    A bare ``**kwargs`` does not count: such a function never asked for ``last``, so it is
+    resumed by replaying its already-done prefix instead.
+    """
     try:
         params = inspect.signature(get_jobs).parameters
     except (TypeError, ValueError):
         return False
-    return "last" in params
+    last = params.get("last")
+    return last is not None and last.kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.VAR_POSITIONAL,
+        inspect.Parameter.VAR_KEYWORD,
+    )
 
 
 def is_async(func: Callable[..., Any]) -> bool:
