@@ -51,8 +51,10 @@ class Chunk:
         return head
 
     def id_list(self) -> list[int]:
-        return self.ids if self.ids is not None else list(
-            range(self.first_id, self.first_id + len(self.payloads))
+        return (
+            self.ids
+            if self.ids is not None
+            else list(range(self.first_id, self.first_id + len(self.payloads)))
         )
 
 
@@ -131,6 +133,7 @@ class Feeder(threading.Thread):
         self.waiting = False  # set by the master when it has credit and no jobs
         self._bad: list[BadJob] = []
         self.replaying = False
+        self.replay_rate: float | None = None  # jobs/s of the last replay, once it is over
 
     # -- master side ---------------------------------------------------------------------
 
@@ -147,6 +150,11 @@ class Feeder(threading.Thread):
         """Remove up to ``n`` jobs from the buffer, as chunks of consecutive ids."""
         out: list[Chunk] = []
         with self._cond:
+            if self._bad:
+                # Jobs after a bad one wait until the master has taken (and resolved) it:
+                # otherwise a checkpoint could move the resume point past an id that is
+                # neither done nor held anywhere, and a resume would never record it.
+                return out
             chunks = self._chunks
             while n > 0 and chunks:
                 head = chunks[0]
@@ -157,8 +165,11 @@ class Feeder(threading.Thread):
                 n -= len(head)
                 self._buffered -= len(head)
                 # Merge with the previous chunk when ids continue, so one message carries both.
-                if out and out[-1].ids is None and head.ids is None and (
-                    out[-1].first_id + len(out[-1]) == head.first_id
+                if (
+                    out
+                    and out[-1].ids is None
+                    and head.ids is None
+                    and (out[-1].first_id + len(out[-1]) == head.first_id)
                 ):
                     out[-1].payloads.extend(head.payloads)
                 else:
@@ -169,8 +180,8 @@ class Feeder(threading.Thread):
     def peek_first(self) -> tuple[int, bytes] | None:
         """The lowest buffered job (id, payload): the resume point if nothing is leased."""
         with self._cond:
-            if not self._chunks:
-                return None
+            if not self._chunks or self._bad:
+                return None  # an undrained bad job is lower than the head: no point yet
             head = self._chunks[0]
             return (head.ids[0] if head.ids else head.first_id), head.payloads[0]
 
@@ -206,7 +217,9 @@ class Feeder(threading.Thread):
                 str(exc)[:4096],
                 "".join(tb_module.format_exception(exc))[-16384:],
             )
-            logger.error("get_jobs raised at job=%d: %s: %s", self._next_id, type(exc).__name__, exc)
+            logger.error(
+                "get_jobs raised at job=%d: %s: %s", self._next_id, type(exc).__name__, exc
+            )
         finally:
             with self._cond:
                 self.exhausted = True
@@ -227,7 +240,14 @@ class Feeder(threading.Thread):
         while True:
             room = self._wait_for_room()
             started = time.perf_counter()
-            items = list(itertools.islice(jobs, min(want, room, MAX_CHUNK)))
+            items: list[object] = []
+            try:
+                items.extend(itertools.islice(jobs, min(want, room, MAX_CHUNK)))
+            except BaseException:
+                # The jobs pulled before the error still run; the failure names the next id.
+                if items:
+                    self._put(items)
+                raise
             if not items:
                 return
             elapsed = time.perf_counter() - started
@@ -247,19 +267,28 @@ class Feeder(threading.Thread):
             if self._stop:
                 raise _Stopped
             step = min(todo, REPLAY_STEP)
-            got = sum(1 for _ in itertools.islice(jobs, step))
-            self._next_id += got
-            self.stats.replayed += got
-            self.stats.produced += got
+            # zip pulls a job before it counts it, so ``counted`` is exact even when the
+            # generator raises; the deque drains at C speed.
+            counted = itertools.count()
+            try:
+                collections.deque(
+                    zip(itertools.islice(jobs, step), counted, strict=False), maxlen=0
+                )
+            finally:
+                got = next(counted)
+                self._next_id += got
+                self.stats.replayed += got
+                self.stats.produced += got
             todo -= step
             if got < step:
                 break
         elapsed = time.perf_counter() - started
-        logger.info(
-            "replayed %d done jobs in %.1fs (%.0f/s) to reach the resume point",
+        self.replay_rate = self.stats.replayed / elapsed if elapsed > 0 else 0.0
+        logger.warning(
+            "replayed %d done jobs in %.1fs (%.0f jobs/s) to reach the resume point",
             self.stats.replayed,
             elapsed,
-            self.stats.replayed / elapsed if elapsed else 0.0,
+            self.replay_rate,
         )
         self.replaying = False
 
@@ -323,7 +352,9 @@ class Feeder(threading.Thread):
         try:
             return pickle.dumps(job, PICKLE_PROTOCOL)
         except Exception as exc:
-            self._record_bad(BadJob(job_id, safe_repr(job), "UnpicklableJob", f"{type(exc).__name__}: {exc}"))
+            self._record_bad(
+                BadJob(job_id, safe_repr(job), "UnpicklableJob", f"{type(exc).__name__}: {exc}")
+            )
             return None
 
     def _record_bad(self, bad: BadJob) -> None:
@@ -347,6 +378,8 @@ class Feeder(threading.Thread):
             self._chunks.append(chunk)
             self._buffered += len(chunk)
         if self.waiting:
+            # One wake-up per wait is enough: the master sets the flag again if it still needs jobs.
+            self.waiting = False
             self._notify_master()
 
     def _notify_master(self) -> None:
