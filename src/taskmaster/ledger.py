@@ -20,6 +20,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ _TABLES = {"meta", "checkpoint", "failures"}
 
 
 def _now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    # Milliseconds: checkpoints come a few per second, and tests and tools compare them.
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
 
 
 class CompletedSet:
@@ -90,7 +92,7 @@ class CompletedSet:
     def add(self, start: int, count: int) -> int:
         """Mark ``[start, start+count)`` resolved; return how many of them were new."""
         end = start + count
-        if end <= self.watermark:
+        if count <= 0 or end <= self.watermark:
             return 0
         if start < self.watermark:
             start = self.watermark
@@ -119,7 +121,7 @@ class CompletedSet:
         return i >= 0 and job_id < self._ends[i]
 
     def ranges(self) -> list[tuple[int, int]]:
-        return list(zip(self._starts, self._ends))
+        return list(zip(self._starts, self._ends, strict=True))
 
     @property
     def highest(self) -> int:
@@ -128,7 +130,7 @@ class CompletedSet:
 
     @property
     def resolved_above(self) -> int:
-        return sum(e - s for s, e in zip(self._starts, self._ends))
+        return sum(e - s for s, e in zip(self._starts, self._ends, strict=True))
 
 
 @dataclass
@@ -180,12 +182,13 @@ class Failure:
 
 
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
-    if readonly:
-        uri = f"file:{path}?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5)
-    else:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=5)
-    return conn
+    try:
+        if readonly:
+            uri = f"file:{path}?mode=ro"
+            return sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5)
+        return sqlite3.connect(path, isolation_level=None, timeout=5)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{path}: cannot open the state file ({exc})") from exc
 
 
 def _check_schema(conn: sqlite3.Connection, path: Path) -> bool:
@@ -202,7 +205,7 @@ def _check_schema(conn: sqlite3.Connection, path: Path) -> bool:
         )
     if not tables:
         return False
-    if version != SCHEMA_VERSION or not _TABLES <= tables:
+    if version != SCHEMA_VERSION or not tables >= _TABLES:
         raise LedgerCorrupt(f"{path}: not a taskmaster state file (unexpected schema)")
     try:
         result = conn.execute("PRAGMA quick_check").fetchone()[0]
@@ -213,17 +216,23 @@ def _check_schema(conn: sqlite3.Connection, path: Path) -> bool:
     return True
 
 
-def _row_to_checkpoint(row: sqlite3.Row | tuple[Any, ...] | None) -> Checkpoint:
+def _row_to_checkpoint(row: sqlite3.Row | tuple[Any, ...] | None, path: Path) -> Checkpoint:
     if row is None:
         return Checkpoint(ranges=[])
     (wm, rid, rjob, fjob, ranges, exhausted, gerr, done, failed, dup, retried, total, rate,
      in_flight, workers, started, updated) = row  # fmt: skip
+    try:
+        pairs = [(int(s), int(e)) for s, e in msgpack.unpackb(ranges)]
+        if not isinstance(wm, int) or not isinstance(rid, int) or any(s >= e for s, e in pairs):
+            raise ValueError("watermark or ranges out of shape")
+    except (ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors
+        raise LedgerCorrupt(f"{path}: corrupt checkpoint in the state file ({exc})") from exc
     return Checkpoint(
         watermark=wm,
         resume_id=rid,
         resume_job=rjob,
         first_job=fjob,
-        ranges=[(s, e) for s, e in msgpack.unpackb(ranges)],
+        ranges=pairs,
         exhausted=bool(exhausted),
         generator_error=gerr,
         done=done,
@@ -244,6 +253,14 @@ _SELECT_CHECKPOINT = """SELECT watermark, resume_id, resume_job, first_job, rang
     started, updated FROM checkpoint WHERE id = 1"""
 
 
+def _read_checkpoint(conn: sqlite3.Connection, path: Path) -> Checkpoint:
+    try:
+        row = conn.execute(_SELECT_CHECKPOINT).fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise LedgerCorrupt(f"{path}: corrupt state file ({exc})") from exc
+    return _row_to_checkpoint(row, path)
+
+
 class MasterLock:
     """An exclusive ``flock`` beside the state file: the kernel drops it when the holder dies."""
 
@@ -252,19 +269,32 @@ class MasterLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise LedgerError(f"{self.path}: cannot create the lock file ({exc})") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            holder = self._holder(fd)
             os.close(fd)
             raise LedgerLocked(
-                f"another master is running on {self.path.with_suffix('')} ({holder}); "
+                f"another master ({holder}) is running on {self.path.with_suffix('')}; "
                 "stop it first, or use --state for a separate run"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         self._fd = fd
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        # The holder writes its name just after it takes the lock: give it a moment.
+        for _ in range(20):
+            text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            if text:
+                return text
+            time.sleep(0.01)
+        return "pid unknown"
 
     def release(self) -> None:
         if self._fd is not None:
@@ -296,50 +326,76 @@ class Ledger:
         self._conn = conn
         self._lock = lock
         self.fresh = fresh
-        self.checkpoint_row = _row_to_checkpoint(conn.execute(_SELECT_CHECKPOINT).fetchone())
-        self.completed = CompletedSet(self.checkpoint_row.watermark, self.checkpoint_row.ranges or [])
+        self.checkpoint_row = _read_checkpoint(conn, path)
+        row = self.checkpoint_row
+        self.completed = CompletedSet(row.watermark, row.ranges or [])
         self._pending_failures: list[tuple[Any, ...]] = []
         self._pending_cleared: list[int] = []
+        # With ``reset``: the checkpoint of the run that was thrown away, for the log.
+        self.discarded: Checkpoint | None = None
 
     @classmethod
     def open(cls, path: Path, identity: dict[str, Any], *, reset: bool = False) -> Ledger:
         """Open (or create, mode 0600) the state at ``path`` for a master, taking the lock.
 
-        ``reset`` discards a previous run's state. A file that is not a taskmaster state, is
-        corrupt, or comes from a newer version raises :class:`LedgerCorrupt`, never a fresh start.
+        ``reset`` discards a previous run's state (what it held is in :attr:`discarded`). A
+        file that is not a taskmaster state, is corrupt, or comes from a newer version raises
+        :class:`LedgerCorrupt` and is left as it was: never a fresh start, not even with
+        ``reset``, which only ever deletes a readable taskmaster state.
         """
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(f"{path}: cannot create its directory ({exc})") from exc
         lock = MasterLock(path)
         lock.acquire()
+        conn: sqlite3.Connection | None = None
         try:
             if not path.exists():
                 # Create it 0600 before SQLite opens it, so no other user can read the jobs.
                 os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
             conn = _connect(path, readonly=False)
+            # Every check reads only: a file we refuse is left byte for byte as it was.
             exists = _check_schema(conn, path)
-            if exists and reset:
-                conn.close()
-                for suffix in ("", "-wal", "-shm"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(f"{path}{suffix}")
-                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-                conn = _connect(path, readonly=False)
-                exists = False
+            discarded: Checkpoint | None = None
+            if exists:
+                previous = _read_checkpoint(conn, path)
+                if reset:
+                    discarded = previous
+                    conn.close()
+                    conn = None
+                    cls._discard(path)
+                    conn = _connect(path, readonly=False)
+                    exists = False
+                else:
+                    cls._check_identity(conn, path, identity)
             conn.execute("PRAGMA journal_mode=WAL")
             # WAL + NORMAL survives any process crash; a power cut can only lose the last
             # checkpoints, which costs re-runs, never a job.
             conn.execute("PRAGMA synchronous=NORMAL")
             if not exists:
                 cls._create(conn, identity)
-            else:
-                cls._check_identity(conn, path, identity)
             for suffix in ("-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.chmod(f"{path}{suffix}", 0o600)
-        except BaseException:
+            ledger = cls(path, conn, lock, fresh=not exists)
+        except BaseException as exc:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
             lock.release()
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise LedgerError(f"{path}: cannot use the state file ({exc})") from exc
             raise
-        return cls(path, conn, lock, fresh=not exists)
+        ledger.discarded = discarded
+        return ledger
+
+    @staticmethod
+    def _discard(path: Path) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}{suffix}")
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
 
     @staticmethod
     def _create(conn: sqlite3.Connection, identity: dict[str, Any]) -> None:
@@ -348,7 +404,8 @@ class Ledger:
             conn.execute(ddl)
         conn.executemany(
             "INSERT INTO meta (key, value) VALUES (?, ?)",
-            [(k, json.dumps(v)) for k, v in identity.items()] + [("created", json.dumps(_now_iso()))],
+            [(k, json.dumps(v)) for k, v in identity.items()]
+            + [("created", json.dumps(_now_iso()))],
         )
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
@@ -402,8 +459,7 @@ class Ledger:
                     "DELETE FROM failures WHERE job_id = ?", [(j,) for j in self._pending_cleared]
                 )
             conn.execute(
-                "INSERT OR REPLACE INTO checkpoint VALUES "
-                "(1,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO checkpoint VALUES (1,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     state.watermark,
                     state.resume_id,
@@ -462,7 +518,7 @@ class LedgerView:
             raise LedgerCorrupt(f"{path}: empty state file")
 
     def checkpoint(self) -> Checkpoint:
-        return _row_to_checkpoint(self._conn.execute(_SELECT_CHECKPOINT).fetchone())
+        return _read_checkpoint(self._conn, self.path)
 
     def meta(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
