@@ -125,7 +125,7 @@ class Feeder(threading.Thread):
         self._chunks: collections.deque[Chunk] = collections.deque()
         self._buffered = 0
         self._cond = threading.Condition()
-        self._stop = False
+        self._stopping = False
         self.exhausted = False
         self.failure: GeneratorFailure | None = None
         self.first_payload: bytes | None = None
@@ -196,7 +196,7 @@ class Feeder(threading.Thread):
 
     def stop(self) -> None:
         with self._cond:
-            self._stop = True
+            self._stopping = True
             self._cond.notify_all()
 
     # -- feeder thread -------------------------------------------------------------------
@@ -227,9 +227,9 @@ class Feeder(threading.Thread):
 
     def _wait_for_room(self) -> int:
         with self._cond:
-            while self._buffered >= self.size and not self._stop:
+            while self._buffered >= self.size and not self._stopping:
                 self._cond.wait()
-            if self._stop:
+            if self._stopping:
                 raise _Stopped
             return self.size - self._buffered
 
@@ -264,7 +264,7 @@ class Feeder(threading.Thread):
         started = time.perf_counter()
         todo = self._skip_below - self._next_id
         while todo > 0:
-            if self._stop:
+            if self._stopping:
                 raise _Stopped
             step = min(todo, REPLAY_STEP)
             # zip pulls a job before it counts it, so ``counted`` is exact even when the
