@@ -130,6 +130,7 @@ class Entry:
 class MemoryTrace:
     samples: list[tuple[float, float, float]] = field(default_factory=list)  # t, RSS, HWM
     capped: bool = False
+    cap_mib: float = 0.0
     exited: bool = False
     done: int | None = None
 
@@ -217,7 +218,7 @@ def plan_cpu(cfg: Config) -> list[Entry]:
 
 def plan_memory(cfg: Config) -> list[Entry]:
     entries = _everyone({"n": cfg.sizes.memory_n})
-    entries.append(Entry("pool-best", {"n": cfg.sizes.memory_n, "chunksize": MEMORY_CHUNKSIZE}))
+    entries.append(Entry("pool-best", {"n": cfg.sizes.memory_n}))
     for entry in entries:
         if entry.contestant in ("mpire", "pool-best"):
             entry.params["chunksize"] = MEMORY_CHUNKSIZE
@@ -275,7 +276,7 @@ def launch(scenario: str, entry: Entry, cfg: Config) -> Outcome:
             )
             try:
                 if scenario == "memory":
-                    return memory_outcome(proc, work, cfg)
+                    return memory_outcome(proc, work, cfg, int(entry.params["n"]))
                 return timed_outcome(proc, work, cfg.timeout)
             finally:
                 stop_group(proc)
@@ -367,21 +368,22 @@ def sample_memory(proc: subprocess.Popen[bytes], cfg: Config) -> MemoryTrace:
             trace.exited = True
             return trace
         if status and status[0] > cfg.memory_cap_mib:
-            trace.capped = True
+            trace.capped, trace.cap_mib = True, cfg.memory_cap_mib
             return trace
         if elapsed >= cfg.memory_seconds:
             return trace
         time.sleep(SAMPLE_EVERY - (time.monotonic() - started) % SAMPLE_EVERY)
 
 
-def memory_outcome(proc: subprocess.Popen[bytes], work: Path, cfg: Config) -> Outcome:
+def memory_outcome(proc: subprocess.Popen[bytes], work: Path, cfg: Config, n: int) -> Outcome:
     trace = sample_memory(proc, cfg)
     progress = work / "progress"
     if progress.exists() and progress.read_text().strip():
         trace.done = int(progress.read_text())
     if trace.exited:
         if proc.returncode == 0 and not (work / "out").read_text().strip():
-            return Outcome("ok", memory=trace)  # exec'd tm-run: exit 0, no JSON line
+            trace.done = n  # exec'd tm-run: no JSON line, and exit 0 means every job is done
+            return Outcome("ok", n=n, memory=trace)
         outcome = parse_outcome(proc, work)
         if outcome.status == "ok":
             trace.done = outcome.n
@@ -559,7 +561,7 @@ def figure_memory(scenario: str, contestant: str, p: Pick, picks: dict[str, Pick
         return Row(
             scenario,
             contestant,
-            f">{peak:,.0f} MiB (capped, growing)",
+            f">{trace.cap_mib:,.0f} MiB (capped, growing)",
             peak,
             _memory_note(trace, p, hwm, growth),
             lower_bound=True,
@@ -573,7 +575,7 @@ def _growth(trace: MemoryTrace) -> float | None:
     at_two = next((s[1] for s in trace.samples if s[0] >= 2.0), None)
     if at_two is None or trace.samples[-1][0] < 2.0 + SAMPLE_EVERY:
         return None
-    return (trace.samples[-1][1] - at_two) / at_two
+    return round((trace.samples[-1][1] - at_two) / at_two, 2) or 0.0  # no "-0%"
 
 
 def _memory_note(trace: MemoryTrace, p: Pick, hwm: float, growth: float | None) -> str:
