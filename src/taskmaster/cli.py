@@ -247,44 +247,68 @@ def status_data(view: LedgerView) -> dict[str, Any]:
 
 
 def _print_status(data: dict[str, Any]) -> None:
+    from datetime import datetime
+
     from .progress import format_duration, format_rate
 
-    total = f"/{data['total']:,}" if data["total"] is not None else ""
-    state = "running" if data["running"] else ("complete" if data["complete"] else "stopped (resumable)")
+    total, done = data["total"], f"{data['done']:,}"
+    if total is not None:
+        done += f"/{total:,} ({data['done'] * 100 / total if total else 100.0:.1f}%)"
+    if data["running"]:
+        state = "running"
+    else:
+        state = "complete" if data["complete"] else "stopped (resumable)"
+    pending = data["pending"]
     lines = [
         f"{data['state']}: {state}",
-        f"  done      {data['done']:,}{total}",
+        f"  done      {done}",
         f"  failed    {data['failed']:,}",
-        f"  pending   {data['pending']:,}" if data["pending"] is not None else "  pending   unknown (no total)",
-        f"  watermark {data['watermark']:,} (+{data['completed_above_watermark']:,} done above it)",
+        f"  pending   {pending:,}" if pending is not None else "  pending   unknown (no total)",
+        f"  watermark {data['watermark']:,} "
+        f"(+{data['completed_above_watermark']:,} done above it)",
     ]
     if data["running"]:
         eta = format_duration(data["eta_s"]) if data["eta_s"] is not None else "unknown"
-        lines.append(f"  rate      {format_rate(data['rate'])} · in flight {data['in_flight']:,} · workers {data['workers']} · eta {eta}")
+        lines.append(
+            f"  rate      {format_rate(data['rate'])} · eta {eta} · "
+            f"in flight {data['in_flight']:,} · workers {data['workers']}"
+        )
     if data["generator_error"]:
         lines.append(f"  get_jobs failed: {data['generator_error'].splitlines()[0]}")
-    lines.append(f"  updated   {data['updated']}")
+    try:
+        age = time.time() - datetime.fromisoformat(data["updated"]).timestamp()
+        ago = f" ({format_duration(age)} ago)"
+    except (TypeError, ValueError):  # no checkpoint yet, or a format this Python cannot read
+        ago = ""
+    lines.append(f"  updated   {data['updated']}{ago}")
     print("\n".join(lines))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     path = _state_for(args)
-    while True:
-        view = LedgerView(path)
-        try:
-            data = status_data(view)
-        finally:
-            view.close()
-        if args.json:
-            print(json.dumps(data))
-        else:
-            _print_status(data)
-        if not args.watch:
-            return EXIT_OK
-        sys.stdout.flush()
-        time.sleep(args.watch)
-        if not args.json:
-            print()
+    clear = bool(args.watch) and not args.json and sys.stdout.isatty()
+    try:
+        while True:
+            view = LedgerView(path)
+            try:
+                data = status_data(view)
+            finally:
+                view.close()
+            if clear:
+                print("\x1b[H\x1b[2J", end="")  # redraw in place, as watch(1) does
+            if args.json:
+                print(json.dumps(data))
+            else:
+                _print_status(data)
+            # --watch follows a run to its end, so `tm status --watch` also waits for one.
+            if not args.watch or (data["complete"] and not data["running"]):
+                return EXIT_OK
+            sys.stdout.flush()
+            time.sleep(args.watch)
+            if not args.json and not clear:
+                print()
+    except KeyboardInterrupt:
+        return EXIT_OK  # the way out of --watch
 
 
 def _cmd_failures(args: argparse.Namespace) -> int:

@@ -15,16 +15,19 @@ All three print the final summary in ``finish()``. :func:`make_reporter` picks o
 from __future__ import annotations
 
 import atexit
+import io
+import logging
 import math
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, TextIO, runtime_checkable
+from typing import NamedTuple, Protocol, TextIO, cast, runtime_checkable
 
 from rich import box
 from rich.console import Console, Group, RenderableType
+from rich.file_proxy import FileProxy
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -210,7 +213,8 @@ def _percent(done: int, total: int) -> float:
 
 
 def _eta_text(snap: Snapshot) -> str:
-    left = eta_s(snap.done, snap.total, snap.rate)
+    # Failed jobs are finished too: only the unresolved ones are left to wait for.
+    left = eta_s(snap.done + snap.failed, snap.total, snap.rate)
     return "eta -" if left is None else f"eta {format_duration(left)}"
 
 
@@ -238,6 +242,12 @@ def _replay_text(snap: Snapshot, g: _Glyphs) -> str:
     return (
         f"replaying {snap.done_at_start:,} jobs already done{g.ellipsis} {snap.replayed:,} skipped"
     )
+
+
+def _stalled(snap: Snapshot) -> StalledJob | None:
+    # The master learns that a job ended from its ack, and what a worker runs from its next
+    # heartbeat: with nothing in flight, a stall reported in between is already over.
+    return snap.stalled if snap.in_flight else None
 
 
 def _stall_text(stalled: StalledJob, g: _Glyphs) -> str:
@@ -377,8 +387,9 @@ class LogReporter:
             head.insert(0, snap.phase)
         fields = head + [text for text, _ in _counter_fields(snap)]
         lines = ["taskmaster: " + g.sep.join(fields)]
-        if snap.stalled is not None:
-            lines.append("taskmaster: " + _stall_text(snap.stalled, g))
+        stalled = _stalled(snap)
+        if stalled is not None:
+            lines.append("taskmaster: " + _stall_text(stalled, g))
         return lines
 
 
@@ -395,9 +406,7 @@ class RichReporter:
         workers_table: bool = False,
         refresh_per_second: float = REFRESH_PER_SECOND,
     ) -> None:
-        # The CLI should log through this console (rich.logging.RichHandler(console=...)),
-        # otherwise log lines written straight to the stream tear the live display.
-        self.console = console if console is not None else Console(stderr=True)
+        self.console = console if console is not None else Console(file=sys.stderr)
         self._workers_table = workers_table
         self._glyphs = _glyphs_for(self.console.encoding)
         # Written by the master's thread, read by the refresh thread: a single attribute
@@ -409,9 +418,19 @@ class RichReporter:
             refresh_per_second=refresh_per_second,
             transient=False,
         )
+        self._rerouted: list[tuple[logging.StreamHandler[TextIO], TextIO]] = []
 
     def start(self) -> None:
+        target = cast(TextIO, self.console.file)
         self._live.start(refresh=True)
+        # Log records written straight to the terminal would tear the display (a warning per
+        # failed job, say): while it is live, handlers writing there go through the console,
+        # which prints them above the display.
+        proxy = cast(TextIO, FileProxy(self.console, target))
+        for handler in _stream_handlers():
+            if _same_stream(handler.stream, target):
+                old = handler.setStream(proxy)
+                self._rerouted.append((handler, old if old is not None else target))
         # Live hides the cursor; if the master dies on an exception before finish(), put the
         # terminal back as it was.
         atexit.register(self._stop)
@@ -446,8 +465,9 @@ class RichReporter:
         note = _phase_note(snap, g)
         if note is not None:
             parts.append(Text(note[0], style=note[1]))
-        if snap.stalled is not None:
-            parts.append(Text(_stall_text(snap.stalled, g), style="yellow"))
+        stalled = _stalled(snap)
+        if stalled is not None:
+            parts.append(Text(_stall_text(stalled, g), style="yellow"))
         if self._workers_table and snap.worker_rows:
             parts.append(_worker_table(snap.worker_rows, g))
         return Group(*parts)
@@ -460,6 +480,9 @@ class RichReporter:
 
     def _stop(self) -> None:
         self._live.stop()
+        while self._rerouted:
+            handler, stream = self._rerouted.pop()
+            handler.setStream(stream)
 
     def _headline(self, snap: Snapshot) -> RenderableType:
         g = self._glyphs
@@ -476,7 +499,8 @@ class RichReporter:
                 f"elapsed {format_duration(snap.elapsed_s)}",
             ]
             if snap.total > 0:
-                bar = ProgressBar(total=snap.total, completed=min(snap.done, snap.total))
+                resolved = min(snap.done + snap.failed, snap.total)
+                bar = ProgressBar(total=snap.total, completed=resolved)
             else:
                 # An empty run is complete; a zero total would divide by zero inside the bar.
                 bar = ProgressBar(total=1, completed=1)
@@ -487,6 +511,24 @@ class RichReporter:
         grid = Table.grid(padding=(0, 1))
         grid.add_row(bar, text)
         return grid
+
+
+def _stream_handlers() -> list[logging.StreamHandler[TextIO]]:
+    loggers: list[logging.Logger] = [logging.getLogger()]
+    loggers += [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)]
+
+
+def _same_stream(a: object, b: object) -> bool:
+    if a is b:
+        return True
+    # Another handle on the same terminal (stdout beside stderr) tears the display just as well.
+    try:
+        return os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))  # type: ignore[attr-defined]
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return False
 
 
 def _worker_table(rows: Sequence[WorkerRow], g: _Glyphs) -> Table:
