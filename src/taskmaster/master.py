@@ -286,7 +286,8 @@ class Master:
             self.transport.send(
                 identity,
                 protocol.refuse(
-                    f"protocol version {hello.version} is not {protocol.PROTOCOL_VERSION}: run the same taskmaster version on master and workers"
+                    f"protocol version {hello.version} is not {protocol.PROTOCOL_VERSION}: "
+                    "run the same taskmaster version on master and workers"
                 ),
             )
             return
@@ -325,7 +326,9 @@ class Master:
             else:
                 newly_total += self._resolve_range(first_id, count)
         for seq, job_id, error, message, traceback in ack.failures:
-            lease = leases.get(seq)
+            lease = self._lease_holding(worker, seq, job_id)
+            if lease is not None:
+                seq = lease.seq
             self._handle_failure(worker, lease, job_id, error, message, traceback, now)
             if lease is not None and worker is not None and lease.worker == worker.identity:
                 lease.remaining -= 1
@@ -339,6 +342,19 @@ class Master:
             worker.done += acked_total
             worker.last_seen = now
             worker.credit += ack.credit
+
+    def _lease_holding(self, worker: WorkerState | None, seq: int, job_id: int) -> Lease | None:
+        """The lease of ``worker`` that holds ``job_id`` (``seq`` is the worker's guess)."""
+        lease = self.leases.get(seq)
+        if lease is not None and lease.payload_of(job_id) is not None:
+            return lease
+        if worker is None:
+            return None
+        for other in worker.leases:
+            lease = self.leases.get(other)
+            if lease is not None and lease.payload_of(job_id) is not None:
+                return lease
+        return None
 
     def _resolve_range(self, first_id: int, count: int) -> int:
         if self.retrying is not None:
@@ -485,7 +501,9 @@ class Master:
         n = len(chunk)
         if self.first_dispatch_s is None:
             self.first_dispatch_s = now - self.started_at
-            logger.info("first dispatch after %.3fs job=%d", self.first_dispatch_s, _lowest(chunk)[0])
+            logger.info(
+                "first dispatch after %.3fs job=%d", self.first_dispatch_s, _lowest(chunk)[0]
+            )
         worker.credit -= n
         worker.leases.add(seq)
         self.leases[seq] = Lease(seq, worker.identity, chunk, now, n, suspect)

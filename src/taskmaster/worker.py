@@ -78,6 +78,8 @@ class Session(threading.Thread):
         self._contact_deadline = clock() + wait_s
         self._next_heartbeat = 0.0
         self.stop_requested = False
+        self._seen_id = -1
+        self._seen_since = 0.0
 
     # -- credit --------------------------------------------------------------------------
 
@@ -118,6 +120,8 @@ class Session(threading.Thread):
                     os.read(self._wake_fd, 4096)
                 self._flush(now)
                 self._tick(now)
+                if self.timeout_s is not None:
+                    self._check_timeout(now, self._running(now))
         except HandshakeFailed as exc:
             self._give_up(EXIT_GAVE_UP, str(exc))
         except Exception as exc:  # never die silently: the main thread reports it
@@ -164,7 +168,8 @@ class Session(threading.Thread):
         if version != protocol.PROTOCOL_VERSION:
             self._give_up(
                 EXIT_GAVE_UP,
-                f"the master speaks protocol {version}, this worker {protocol.PROTOCOL_VERSION}: run the same taskmaster version",
+                f"the master speaks protocol {version}, this worker "
+                f"{protocol.PROTOCOL_VERSION}: run the same taskmaster version",
             )
             return
         if self.epoch is not None and epoch != self.epoch:
@@ -228,7 +233,7 @@ class Session(threading.Thread):
     def _tick(self, now: float) -> None:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.heartbeat_s
-            running = self.results.running.copy()
+            running = self._running(now)
             if running:
                 job_id, (started, _) = min(running.items(), key=lambda item: item[1][0])
                 self.transport.send(
@@ -236,7 +241,6 @@ class Session(threading.Thread):
                 )
             else:
                 self.transport.send(protocol.heartbeat(-1, 0.0, self.results.finished))
-            self._check_timeout(now, running)
         if self.welcomed:
             if now - self._last_from_master > self.liveness_s:
                 self._lost_master(now, "no word from the master")
@@ -246,10 +250,23 @@ class Session(threading.Thread):
             if now >= self._contact_deadline:
                 self._give_up(
                     EXIT_GAVE_UP,
-                    f"no master answered at {self.transport.address} within --wait {self.wait_s:.0f}s",
+                    f"no master answered at {self.transport.address} "
+                    f"within --wait {self.wait_s:.0f}s",
                 )
             elif now - self._last_hello > HELLO_RETRY_S:
                 self._send_hello(now)
+
+    def _running(self, now: float) -> dict[int, tuple[float, int]]:
+        """Jobs running now: job id → (start time, batch seq)."""
+        results = self.results
+        current = results.current_id
+        if current != self._seen_id:
+            # The serial executor only names its job; its start is when we first saw it.
+            self._seen_id, self._seen_since = current, now
+        running = results.running.copy()
+        if current >= 0:
+            running[current] = (self._seen_since, results.current_seq)
+        return running
 
     def _check_timeout(self, now: float, running: dict[int, tuple[float, int]]) -> None:
         if self.timeout_s is None or not running:
@@ -285,7 +302,7 @@ def _merge(acks: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
 
 
 class Worker:
-    """One worker process: ``init_worker()`` once, then jobs until the master says the run is over."""
+    """One worker process: ``init_worker()`` once, then jobs until the master says it is over."""
 
     def __init__(
         self,
