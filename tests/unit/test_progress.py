@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import re
 
 import pytest
@@ -394,3 +395,44 @@ def test_every_reporter_satisfies_the_protocol() -> None:
     out = io.StringIO()
     for reporter in (RichReporter(Console(file=out)), LogReporter(out), NullReporter(out)):
         assert isinstance(reporter, Reporter)
+
+
+def test_rich_reporter_sends_log_records_through_the_console_while_live() -> None:
+    console, out = terminal()
+    other = io.StringIO()
+    log = logging.getLogger("tests.progress.live")
+    same, elsewhere = logging.StreamHandler(out), logging.StreamHandler(other)
+    log.addHandler(same)
+    log.addHandler(elsewhere)
+    try:
+        reporter = RichReporter(console, refresh_per_second=1.0)
+        reporter.start()
+        # A record written straight to the terminal would tear the display: it goes through
+        # the console, which prints it above the display.
+        assert same.stream is not out
+        assert elsewhere.stream is other
+        log.warning("failed job=7")
+        reporter.finish(SUMMARY, SNAP)
+        assert same.stream is out
+        text = plain(out.getvalue())
+        assert "failed job=7" in text
+        assert text.index("failed job=7") < text.index("done: 20,000 jobs")
+        assert "failed job=7" in other.getvalue()
+    finally:
+        log.removeHandler(same)
+        log.removeHandler(elsewhere)
+
+
+def test_no_stall_shown_once_nothing_is_in_flight() -> None:
+    # The master hears that the slow job ended (its ack) before it hears the worker is idle.
+    over = dataclasses.replace(STALLED, in_flight=0)
+    assert len(LogReporter(io.StringIO()).lines(over)) == 1
+    console, out = terminal()
+    console.print(RichReporter(console).render(over))
+    assert "oldest job" not in out.getvalue()
+
+
+def test_eta_counts_failed_jobs_as_finished() -> None:
+    snap = dataclasses.replace(SNAP, done=90_000, failed=5_000, rate=1_000.0)
+    (line,) = LogReporter(io.StringIO()).lines(snap)
+    assert "90,000/100,000 done (90.0%) · 1,000/s · eta 5.0s" in line
