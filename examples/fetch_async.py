@@ -1,7 +1,7 @@
 """IO-bound jobs with ``async def handle_job``: thousands of requests, 50 at a time per process.
 
     tm-run examples/fetch_async.py 2 --concurrency 50
-    tm-run examples/fetch_async.py 2 --concurrency 50 n=20000
+    tm-run examples/fetch_async.py 2 n=20000 --concurrency 50
 
 Each job asks a server for one item over TCP and checks the answer. So that the example runs
 anywhere and never touches the network, ``init_worker`` starts that server itself, on a free
