@@ -20,7 +20,7 @@ from typing import Any
 
 from . import security
 from .errors import TaskmasterError, UsageError
-from .feeder import Feeder
+from .feeder import Feeder, safe_repr
 from .ledger import CompletedSet, Ledger
 from .master import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Master, MasterConfig
 from .progress import Reporter, Summary, make_reporter
@@ -100,31 +100,66 @@ def _total(options: MasterOptions) -> int | None:
         return None
 
 
+def _same_job(job: Any, payload: bytes, stored: bytes | None) -> bool:
+    """Whether a freshly yielded job is the stored one (by pickle, else by equality)."""
+    if stored is None:
+        return False
+    if payload == stored:
+        return True
+    # Equal values can pickle differently (sets, dicts built in another order).
+    try:
+        return bool(pickle.loads(stored) == job)
+    except Exception:  # a user's __eq__ or an unpicklable class may raise anything
+        return False
+
+
+def _raising(exc: BaseException) -> Callable[[], Iterable[Any]]:
+    """A job source that fails at once: the feeder reports it like any get_jobs error."""
+
+    def jobs() -> Iterable[Any]:
+        raise exc
+
+    return jobs
+
+
 def _resume_jobs(options: MasterOptions, ledger: Ledger) -> tuple[Callable[[], Iterable[Any]], int]:
-    """Decide how to restart ``get_jobs``: return the iterable factory and the first id."""
+    """Decide how to restart ``get_jobs``: return the iterable factory and the first id.
+
+    With a stored resume job and a ``last`` parameter, ``get_jobs(last=job)`` must yield that
+    job first and jobs are numbered from its id. Without ``last`` (or without a stored job),
+    or when the generator starts over from its first job anyway (the 2012 article's
+    ``get_jobs(last=0)`` ignores ``last``), jobs are numbered from 0 and the feeder skips the
+    done prefix without running it.
+    """
     cp = ledger.checkpoint_row
     kwargs = options.kwargs
     get_jobs = options.get_jobs
     if ledger.fresh or (cp.watermark == 0 and not cp.ranges):
         return (lambda: get_jobs(**kwargs)), 0
     if cp.resume_job is None or not accepts_last(get_jobs):
+        why = "takes no `last`" if cp.resume_job is not None else "has no stored resume job"
         logger.warning(
-            "get_jobs() takes no `last`: replaying %d done jobs from the start to resume",
-            cp.watermark,
+            "get_jobs() %s: replaying %d done jobs from the start to resume", why, cp.watermark
         )
         return (lambda: get_jobs(**kwargs)), 0
     last = pickle.loads(cp.resume_job)
-    jobs = iter(get_jobs(last=last, **kwargs))
     try:
+        jobs = iter(get_jobs(last=last, **kwargs))
         first = next(jobs)
     except StopIteration:
+        logger.warning("get_jobs(last=%s) yielded nothing: no jobs left", safe_repr(last))
         return (lambda: iter(())), cp.resume_id
-    first_payload = pickle.dumps(first, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # the user's generator: the feeder reports it with the job id
+        return _raising(exc), cp.resume_id
+    try:
+        first_payload = pickle.dumps(first, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        first_payload = b""  # unpicklable: the feeder records it as a bad job
     chained: Iterator[Any] = itertools.chain([first], jobs)
-    if first_payload == cp.resume_job:
+    if _same_job(first, first_payload, cp.resume_job):
         logger.info("resuming at job=%d (watermark %d)", cp.resume_id, cp.watermark)
         return (lambda: chained), cp.resume_id
-    if cp.first_job is not None and first_payload == cp.first_job:
+    if _same_job(first, first_payload, cp.first_job):
         logger.warning(
             "get_jobs(last=…) started from the beginning again (it ignores `last`): "
             "replaying %d done jobs instead of re-running them",
@@ -132,11 +167,11 @@ def _resume_jobs(options: MasterOptions, ledger: Ledger) -> tuple[Callable[[], I
         )
         return (lambda: chained), 0
     logger.error(
-        "get_jobs(last=%r) yielded %r first, which is neither the job to resume at nor the "
+        "get_jobs(last=%s) yielded %s first, which is neither the job to resume at nor the "
         "first job of the run: get_jobs must yield `last` first. Numbering jobs from %d as if "
         "it did; check the results",
-        last,
-        first,
+        safe_repr(last),
+        safe_repr(first),
         cp.resume_id,
     )
     return (lambda: chained), cp.resume_id
@@ -161,6 +196,18 @@ def serve_master(
         ledger.close()
 
 
+def _describe_discarded(ledger: Ledger) -> str:
+    old = ledger.discarded
+    assert old is not None
+    above = sum(e - s for s, e in old.ranges or [])
+    state = "a complete run" if old.exhausted else "an unfinished run"
+    return (
+        f"discarded the previous state of {ledger.path} ({state}: {old.done:,} done, "
+        f"{old.failed:,} failed, watermark {old.watermark:,} +{above:,} above it, "
+        f"last checkpoint {old.updated}); starting over from the first job"
+    )
+
+
 def _already_complete(ledger: Ledger, reporter: Reporter, options: MasterOptions) -> Outcome:
     cp = ledger.checkpoint_row
     summary = Summary(
@@ -183,8 +230,8 @@ def _serve(
     from .transport import MasterTransport
 
     cp = ledger.checkpoint_row
-    if options.reset and not ledger.fresh:
-        logger.warning("--reset: discarded the previous state")
+    if ledger.discarded is not None:
+        logger.warning("--reset: %s", _describe_discarded(ledger))
     retrying: dict[int, int] | None = None
     config = options.config
     wake: list[Callable[[], None]] = []
@@ -286,6 +333,7 @@ def spawn_workers(options: WorkerOptions, n: int) -> int:
     """``tm-spawn``: N workers, restarted when one dies; the combined exit status."""
     if n < 1:
         raise UsageError("the number of workers must be at least 1")
+    from . import worker  # noqa: F401  imported once here, not in every forked child
     security.check_libzmq()
     address = security.normalize_address(options.address)
     options.address = address
@@ -304,6 +352,8 @@ def run_all(master: MasterOptions, worker: WorkerOptions, n: int) -> Outcome:
     if n < 1:
         raise UsageError("the number of workers must be at least 1")
     security.check_libzmq()
+    from . import worker  # noqa: F401  imported once here, not in every forked child
+
     secret = master.secret or security.generate_secret()
     master.secret = worker.secret = secret
     if master.address == security.DEFAULT_ADDRESS:
