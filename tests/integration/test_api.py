@@ -1,0 +1,102 @@
+"""``taskmaster.run()`` for real: a master and forked workers from inside this process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+import taskmaster
+
+pytestmark = pytest.mark.timeout(30)
+
+N = 200
+
+
+def get_jobs(last=None):  # type: ignore[no-untyped-def]
+    yield from range(last or 0, N)
+
+
+def record_job(job: int) -> None:
+    # One line per run, appended atomically: the durable record of what ran, in any process.
+    fd = os.open(os.environ["TM_API_RECORD"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{job}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def fail_on_sevens(job: int) -> None:
+    record_job(job)
+    if job % 7 == 0:
+        raise ValueError(f"job {job} is a multiple of 7")
+
+
+async def record_job_async(job: int) -> None:
+    await asyncio.sleep(0)
+    record_job(job)
+
+
+def ran(record: Path) -> list[int]:
+    return sorted(int(line) for line in record.read_text().split()) if record.exists() else []
+
+
+def test_run_does_every_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = tmp_path / "record.txt"
+    monkeypatch.setenv("TM_API_RECORD", str(record))
+    monkeypatch.chdir(tmp_path)
+    result = taskmaster.run(
+        get_jobs, record_job, workers=2, state=tmp_path / "s.db", progress="none"
+    )
+    assert isinstance(result, taskmaster.RunResult)
+    assert result.status == 0 and result.ok
+    assert result.done == N and result.failed == 0
+    assert result.state_path == str(tmp_path / "s.db")
+    assert ran(record) == list(range(N))
+
+
+def test_run_again_after_completion_does_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = tmp_path / "record.txt"
+    monkeypatch.setenv("TM_API_RECORD", str(record))
+    monkeypatch.chdir(tmp_path)
+    state = tmp_path / "s.db"
+    first = taskmaster.run(get_jobs, record_job, workers=1, state=state, progress="none")
+    assert first.ok
+    again = taskmaster.run(get_jobs, record_job, workers=1, state=state, progress="none")
+    assert again.ok and again.done == N
+    assert ran(record) == list(range(N)), "nothing ran twice"
+
+
+def test_run_reports_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = tmp_path / "record.txt"
+    monkeypatch.setenv("TM_API_RECORD", str(record))
+    monkeypatch.chdir(tmp_path)
+    result = taskmaster.run(
+        get_jobs, fail_on_sevens, workers=2, state=tmp_path / "s.db", progress="none"
+    )
+    sevens = len(range(0, N, 7))
+    assert result.status == 1 and not result.ok
+    assert result.failed == sevens
+    assert result.done == N - sevens
+
+
+@pytest.mark.parametrize(
+    ("handle", "options"),
+    [(record_job, {"threads": 4}), (record_job_async, {"concurrency": 8})],
+    ids=["threads", "async"],
+)
+def test_run_with_concurrent_executors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handle: object, options: dict[str, int]
+) -> None:
+    record = tmp_path / "record.txt"
+    monkeypatch.setenv("TM_API_RECORD", str(record))
+    monkeypatch.chdir(tmp_path)
+    result = taskmaster.run(
+        get_jobs, handle, workers=2, state=tmp_path / "s.db", progress="none", **options
+    )
+    assert result.ok and result.done == N
+    assert ran(record) == list(range(N)), "every job ran exactly once"
