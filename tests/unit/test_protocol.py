@@ -77,6 +77,7 @@ def test_master_messages_round_trip() -> None:
     assert unpack(protocol.END_FRAME) == [protocol.END]
     assert unpack(protocol.PAUSE_FRAME) == [protocol.PAUSE]
     assert unpack(protocol.REHELLO_FRAME) == [protocol.REHELLO]
+    assert unpack(protocol.PROBE_FRAME) == [protocol.PROBE]
 
 
 def test_job_payloads_stay_bytes() -> None:

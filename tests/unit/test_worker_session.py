@@ -8,6 +8,7 @@ import pickle
 import random
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -261,6 +262,81 @@ def test_losing_the_master_drops_queued_jobs_and_says_hello(frame: bytes) -> Non
     assert session.dropped == 2 and session.queue.get(0) is None
     [hello] = transport.take(protocol.Hello)
     assert hello.credit == session.window(), "the dropped jobs are no longer held"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: Session._lost_master says HELLO at once on every REHELLO/PAUSE; a new master "
+    "answers each stale frame with a REHELLO, and each extra HELLO makes it void the lease it "
+    "just sent (jobs delivered and run several times); a stopping master answers each HELLO "
+    "with WELCOME+PAUSE, so the two ping-pong until it exits",
+)
+@pytest.mark.parametrize(
+    "frame", [protocol.REHELLO_FRAME, protocol.PAUSE_FRAME], ids=["rehello", "pause"]
+)
+def test_repeated_rehello_or_pause_gives_one_hello(frame: bytes) -> None:
+    session, transport = make_session()
+    session._send_hello(session.clock())
+    welcome(session)
+    transport.take()
+    for _ in range(3):  # three stale frames answered by the master, or WELCOME+PAUSE rounds
+        session.handle(frame, session.clock())
+        if frame == protocol.PAUSE_FRAME:
+            welcome(session)
+    assert len(transport.take(protocol.Hello)) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: each stale frame a worker sends a new master earns a REHELLO, each REHELLO a "
+    "HELLO, and each HELLO after the first voids the lease just sent and sends its jobs again: "
+    "the worker ends up holding (and running) every job several times",
+)
+def test_a_master_restart_delivers_each_job_once(tmp_path: Path) -> None:
+    from taskmaster.feeder import Feeder
+    from taskmaster.ledger import Ledger
+    from taskmaster.master import Master, MasterConfig
+    from tests.conftest import wait_until
+    from tests.unit.test_master import IDENTITY, FakeTransport
+
+    ledger = Ledger.open(tmp_path / "s.db", IDENTITY)
+    feeder = Feeder(lambda: iter(range(20)), size=100)
+    feeder.start()
+    try:
+        wait_until(lambda: feeder.exhausted)
+        clock = FakeClock()
+        master_side = FakeTransport()
+        master = Master(master_side, feeder, ledger, MasterConfig(), clock=clock)
+        session, worker_side = make_session()
+        session.clock = clock
+        welcome(session, epoch=1)  # welcomed by the master that is gone
+        session._flush(clock())
+        worker_side.raw.clear()
+        for frame in (
+            protocol.heartbeat(-1, 0.0, 0),
+            protocol.ack(0, [(77, 100, 1)], []),
+            protocol.heartbeat(-1, 0.0, 0),
+        ):
+            worker_side.raw.append(frame)  # stale frames on their way to the new master
+        deliveries: dict[int, int] = {}
+        for _ in range(10):
+            if worker_side.raw:  # the network delivers one frame per master step
+                master_side.inbox.append((b"w", worker_side.raw.pop(0)))
+            master.step(clock())
+            for _, message in master_side.sent:
+                if message[0] == protocol.JOBS:
+                    _, _, ids, payloads = message
+                    id_list = range(ids, ids + len(payloads)) if isinstance(ids, int) else ids
+                    for job_id in id_list:
+                        deliveries[job_id] = deliveries.get(job_id, 0) + 1
+                session.handle(protocol.pack(message), clock())
+            master_side.sent.clear()
+            clock.now += 0.01
+        assert deliveries and set(deliveries.values()) == {1}, deliveries
+    finally:
+        feeder.stop()
+        feeder.join(timeout=5)
+        ledger.close()
 
 
 def test_ping_of_the_same_master_is_just_a_sign_of_life() -> None:
