@@ -24,6 +24,7 @@ from taskmaster.master import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    MAX_BATCH,
     PROBE_WINDOW_S,
     SUSPECT_SINGLES,
     Master,
@@ -205,7 +206,7 @@ def make(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
             feeder = Feeder(lambda: iter(job_list), size=master_config.size)
             expected = len(job_list)
         feeder.start()
-        if expected <= master_config.size:
+        if expected < master_config.size:  # a full buffer waits for room before it ends
             wait_until(lambda: feeder.exhausted, timeout=10)
         else:
             wait_until(lambda: feeder.buffered >= master_config.size, timeout=10)
@@ -279,6 +280,16 @@ def test_credit_sizes_the_batches(make: Callable[..., Harness]) -> None:
     second = w.one_batch()
     assert second.ids == [3, 4, 5, 6, 7]
     assert h.master.in_flight == 8
+
+
+def test_a_batch_is_at_most_max_batch(make: Callable[..., Harness]) -> None:
+    n = MAX_BATCH + 100
+    h = make(range(n), size=n + 1)
+    w = h.worker()
+    w.hello(credit=n)
+    h.step()
+    assert [len(b.ids) for b in w.batches()] == [MAX_BATCH, 100]
+    assert h.master.in_flight == n
 
 
 def test_contiguous_batches_travel_as_a_first_id(make: Callable[..., Harness]) -> None:
