@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import textwrap
 import time
 from pathlib import Path
@@ -76,6 +77,26 @@ def status_json(procs: Processes, *args: str) -> dict[str, object]:
     result = procs.run("tm", "status", *args, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def finish(procs: Processes, *running: subprocess.Popen[bytes], timeout: float) -> list[str]:
+    """Wait for every process to exit; on a timeout, fail with what each wrote to stderr."""
+    deadline = time.monotonic() + timeout
+    errors: list[str] = []
+    for proc in running:
+        try:
+            _, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            left = running[len(errors) :]
+            for other in left:
+                procs.kill(other)
+            errors += [other.communicate()[1].decode() for other in left]
+            report = "\n".join(
+                f"{p.args} stderr:\n{e}" for p, e in zip(running, errors, strict=True)
+            )
+            raise AssertionError(f"not finished in {timeout}s\n{report}") from None
+        errors.append(err.decode())
+    return errors
 
 
 @pytest.fixture
@@ -363,17 +384,17 @@ def test_sigkill_of_a_worker_under_spawn_redelivers_its_jobs(
         )
     )
     master = procs.start(
-        "tm-master", "tasks.py", "n=600", "--address", endpoint, "--no-progress", env=env
-    )
+        "tm-master", "tasks.py", "n=600", "--address", endpoint, "--no-progress",
+        "--log-level", "info", env=env,
+    )  # fmt: skip
     spawn = procs.start("tm-spawn", "tasks.py", "2", "--address", endpoint, env=env)
     wait_until(lambda: any(job == 100 for job, _, _ in records(record)), timeout=30)
     victim = next(pid for job, pid, _ in records(record) if job == 100)
     killed_at = time.time()
     os.kill(victim, signal.SIGKILL)
-    _, master_err = master.communicate(timeout=60)
-    spawn_out, spawn_err = spawn.communicate(timeout=30)
-    assert master.returncode == 0, master_err.decode()
-    assert spawn.returncode == 0, spawn_err.decode()
+    master_err, spawn_err = finish(procs, master, spawn, timeout=60)
+    assert master.returncode == 0, master_err
+    assert spawn.returncode == 0, spawn_err
     runs = records(record)
     ran = collections.Counter(job for job, _, _ in runs)
     assert sorted(ran) == list(range(600)), "every job done"
