@@ -17,7 +17,6 @@ from types import ModuleType
 
 import pytest
 
-import taskmaster
 from tests.conftest import Processes, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -168,33 +167,6 @@ def test_fetch_async_runs_many_requests_at_once(procs: Processes) -> None:
 
 
 # -- the Python API -----------------------------------------------------------------------------
-
-
-def test_public_api_is_pinned() -> None:
-    assert sorted(taskmaster.__all__) == [
-        "LedgerCorrupt",
-        "LedgerError",
-        "LedgerLocked",
-        "ProtocolError",
-        "RunResult",
-        "SecurityError",
-        "TargetError",
-        "TaskmasterError",
-        "UsageError",
-        "WorkerGaveUp",
-        "__version__",
-        "run",
-    ]
-    fields = list(taskmaster.RunResult.__dataclass_fields__)
-    assert fields == [
-        "status",
-        "done",
-        "failed",
-        "duplicates",
-        "retried",
-        "duration_s",
-        "state_path",
-    ]
 
 
 def test_primes_script_uses_functions_from_main_and_resumes(procs: Processes) -> None:
