@@ -79,14 +79,9 @@ class MasterTransport:
 
     def __init__(self, address: str, keys: Keys) -> None:
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.zap = ZapHandler(self.context, keys.worker_public)
-        self.zap.start()
         sock = self.context.socket(zmq.ROUTER)
         sock.linger = 1000
-        sock.curve_server = True
-        sock.curve_secretkey = keys.master_secret
-        sock.curve_publickey = keys.master_public
-        sock.zap_domain = b"taskmaster"
+        self._secure(sock, keys)
         sock.setsockopt(zmq.MAXMSGSIZE, MASTER_MAX_MSG_BYTES)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
@@ -113,6 +108,15 @@ class MasterTransport:
         self._poller.register(self._monitor, zmq.POLLIN)
         self.disconnects = 0
         self.unroutable = 0
+
+    def _secure(self, sock: zmq.Socket[bytes], keys: Keys) -> None:
+        # Before bind: no peer may ever reach this socket without CURVE and the ZAP check.
+        self.zap: ZapHandler | None = ZapHandler(self.context, keys.worker_public)
+        self.zap.start()
+        sock.curve_server = True
+        sock.curve_secretkey = keys.master_secret
+        sock.curve_publickey = keys.master_public
+        sock.zap_domain = b"taskmaster"
 
     def wake(self) -> None:
         """Interrupt a poll from another thread (signal-safe and thread-safe)."""
@@ -184,9 +188,7 @@ class WorkerTransport:
         sock = self.context.socket(zmq.DEALER)
         sock.linger = 2000
         sock.routing_id = identity
-        sock.curve_serverkey = keys.master_public
-        sock.curve_publickey = keys.worker_public
-        sock.curve_secretkey = keys.worker_secret
+        self._secure(sock, keys)
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
@@ -213,6 +215,13 @@ class WorkerTransport:
         self.refused = False
         self.handshakes = 0
         self.connected_at: float | None = None
+
+    @staticmethod
+    def _secure(sock: zmq.Socket[bytes], keys: Keys) -> None:
+        # Pinning the master's public key: only a master holding the secret can answer.
+        sock.curve_serverkey = keys.master_public
+        sock.curve_publickey = keys.worker_public
+        sock.curve_secretkey = keys.worker_secret
 
     def register(self, fd: int) -> None:
         self._poller.register(fd, zmq.POLLIN)

@@ -293,6 +293,7 @@ def test_master_socket_limits(master: MasterTransport) -> None:
 
 def test_zap_accepts_only_the_worker_key(master: MasterTransport, keys: security.Keys) -> None:
     zap = master.zap
+    assert zap is not None
     assert zap.allows(b"CURVE", [z85.decode(keys.worker_public)])
     assert not zap.allows(b"CURVE", [z85.decode(keys.master_public)])
     assert not zap.allows(b"CURVE", [os.urandom(32)])
@@ -359,6 +360,8 @@ def test_wrong_worker_key_is_refused_by_zap_at_once(
         with pytest.raises(HandshakeFailed, match="secret"):
             _until(lambda: worker.poll(0.05) and False)
         assert worker.refused
-        _until(lambda: master.zap.denied == 1)
+        zap = master.zap
+        assert zap is not None
+        _until(lambda: zap.denied == 1)
     finally:
         worker.close()
