@@ -28,6 +28,11 @@ MASTER_MAX_MSG_BYTES = 8 * 1024 * 1024
 HANDSHAKE_IVL_MS = 5_000
 RECV_BATCH = 2_000
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 class ZapHandler(threading.Thread):
@@ -104,9 +109,11 @@ class MasterTransport:
         self._poller.register(self._wake_r, zmq.POLLIN)
         # A worker process that dies closes its TCP connection at once; counting disconnects
         # lets the master probe its workers instead of waiting out the liveness window.
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
         self._poller.register(self._monitor, zmq.POLLIN)
         self.disconnects = 0
+        self.failed_handshakes = 0
+        self._failed_unclosed = 0
         self.unroutable = 0
 
     def _secure(self, sock: zmq.Socket[bytes], keys: Keys) -> None:
@@ -129,11 +136,28 @@ class MasterTransport:
         with contextlib.suppress(BlockingIOError, OSError):
             os.read(self._wake_r, 4096)
         if self._monitor in events:
-            while True:
-                try:
-                    self._monitor.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            self._read_monitor()
+
+    def _read_monitor(self) -> None:
+        while True:
+            try:
+                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            event = int.from_bytes(frames[0][:2], "little")
+            if event & _HANDSHAKE_FAILED:
+                # Not a worker leaving: a peer without the secret (or not taskmaster at all).
+                self.failed_handshakes += 1
+                self._failed_unclosed += 1
+                if self.failed_handshakes <= 10 or self.failed_handshakes % 1000 == 0:
+                    logger.warning(
+                        "refused a connection that failed the CURVE handshake: a worker "
+                        "with another secret, or not a taskmaster worker (%d so far)",
+                        self.failed_handshakes,
+                    )
+            elif self._failed_unclosed:
+                self._failed_unclosed -= 1  # the hang-up that follows a failed handshake
+            else:
                 self.disconnects += 1
 
     def receive(self) -> Iterator[tuple[bytes, bytes]]:

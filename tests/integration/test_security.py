@@ -206,7 +206,9 @@ def test_wrong_secret_gets_no_job_and_fails_fast(
     data = status(procs, "n=100")
     assert data["running"] and data["done"] == 0 and data["workers"] == 0
     assert master.poll() is None
-    assert "worker joined" not in (tmp_path / "master.log").read_text()
+    master_log = (tmp_path / "master.log").read_text()
+    assert "worker joined" not in master_log
+    assert "failed the CURVE handshake: a worker with another secret" in master_log
 
 
 # -- hostile input -----------------------------------------------------------------------

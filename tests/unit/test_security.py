@@ -342,6 +342,8 @@ def test_wrong_secret_fails_fast_with_a_clear_message(master: MasterTransport) -
         assert "\n" not in str(info.value)
         master.poll(0)
         assert list(master.receive()) == [], "nothing reached the master"
+        _until(lambda: master.poll(0.05) or master.failed_handshakes >= 3)
+        assert master.disconnects == 0, "a stranger hanging up is not a worker leaving"
     finally:
         closing = time.monotonic()
         worker.close()
