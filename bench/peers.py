@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -251,7 +250,9 @@ def tm_invocation(scenario: str, p: Params) -> list[str]:
 
 
 def run_taskmaster(scenario: str, p: Params) -> Result:
-    """Time tm-run from launch to exit; for ``memory`` become tm-run (same PID)."""
+    """Time ``tm-run`` in this process, like the peers: from before ``import taskmaster``
+    to the end of the run (workers forked, master served, workers stopped). For ``memory``
+    become tm-run (same PID) so run.py samples the master's own process."""
     if scenario == "resume":
         return taskmaster_resume(p)
     cmd = tm_invocation(scenario, p)
@@ -259,14 +260,41 @@ def run_taskmaster(scenario: str, p: Params) -> Result:
         sys.stdout.flush()
         os.execv(cmd[0], cmd)
     log_path = Path(p["workdir"]) / "tm-run.log"
-    with log_path.open("wb") as log:
-        started = time.perf_counter()
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-        seconds = time.perf_counter() - started
+    args = cmd[len(tm_run_command()) :]
+    rc = _tm_run_in_process(args, log_path)
+    seconds = _LAST_SECONDS[0]
     if rc != 0:
         raise RuntimeError(f"tm-run exited {rc}: {last_line(log_path)}")
     extra = {"tm_args": p.get("tm_args", []), "summary": last_line(log_path)}
     return {"seconds": seconds, "n": int(p["n"]), "extra": extra}
+
+
+_LAST_SECONDS = [0.0]
+
+
+def _tm_run_in_process(args: list[str], log_path: Path) -> int:
+    """``tm-run ARGS`` via ``taskmaster.cli.main``, stderr (and the workers') to ``log_path``."""
+    saved = os.dup(2)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(log_fd, 2)
+    try:
+        started = time.perf_counter()
+        if (REPO_SRC / "taskmaster").is_dir():
+            sys.path.insert(0, str(REPO_SRC))
+        from taskmaster.cli import main as tm_main
+
+        try:
+            tm_main(["run", *args])
+            rc = 0
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
+        _LAST_SECONDS[0] = time.perf_counter() - started
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(log_fd)
+    return rc
 
 
 def taskmaster_resume(p: Params) -> Result:

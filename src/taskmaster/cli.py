@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -72,42 +73,117 @@ def _seconds(text: str) -> float:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--secret-file", metavar="PATH", help="file holding the shared secret (or set TM_SECRET)")
+    p.add_argument(
+        "--secret-file", metavar="PATH", help="file holding the shared secret (or set TM_SECRET)"
+    )
 
 
 def _master_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("master")
-    g.add_argument("--size", type=_positive_int, default=10_000, help="jobs buffered ahead of the workers (default 10000)")
-    g.add_argument("--state", metavar="PATH", help="state file (default .taskmaster/<target>[-<kwargs>].db)")
+    g.add_argument(
+        "--size",
+        type=_positive_int,
+        default=10_000,
+        help="jobs buffered ahead of the workers (default 10000)",
+    )
+    g.add_argument(
+        "--state", metavar="PATH", help="state file (default .taskmaster/<target>[-<kwargs>].db)"
+    )
     g.add_argument("--reset", action="store_true", help="discard the previous state and start over")
-    g.add_argument("--retries", type=int, default=0, metavar="N", help="re-run a job that raised up to N more times")
-    g.add_argument("--retry-failed", action="store_true", help="run only the recorded failures again")
-    g.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="fail a job that runs longer, and replace its worker")
-    g.add_argument("--max-attempts", type=_positive_int, default=3, metavar="N", help="deliveries of a job whose worker dies before it is failed (default 3)")
-    g.add_argument("--max-job-bytes", type=_positive_int, default=64 * 1024 * 1024, metavar="N", help="fail jobs whose pickle is larger")
-    g.add_argument("--total", type=int, metavar="N", help="the number of jobs, for a percentage and an ETA")
+    g.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-run a job that raised up to N more times",
+    )
+    g.add_argument(
+        "--retry-failed", action="store_true", help="run only the recorded failures again"
+    )
+    g.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="fail a job that runs longer, and replace its worker",
+    )
+    g.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="deliveries of a job whose worker dies before it is failed (default 3)",
+    )
+    g.add_argument(
+        "--max-job-bytes",
+        type=_positive_int,
+        default=64 * 1024 * 1024,
+        metavar="N",
+        help="fail jobs whose pickle is larger",
+    )
+    g.add_argument(
+        "--total", type=int, metavar="N", help="the number of jobs, for a percentage and an ETA"
+    )
     g.add_argument("--checkpoint-interval", type=_seconds, default=0.5, metavar="SECONDS")
-    g.add_argument("--liveness", type=_seconds, default=3.0, metavar="SECONDS", help="silence after which a worker is lost (default 3)")
+    g.add_argument(
+        "--liveness",
+        type=_seconds,
+        default=3.0,
+        metavar="SECONDS",
+        help="silence after which a worker is lost (default 3)",
+    )
     g.add_argument("--get-jobs-callback", metavar="NAME", help="name of the get_jobs function")
-    g.add_argument("--no-progress", action="store_true", help="no live progress, only the final summary")
-    g.add_argument("--progress", choices=["auto", "rich", "log", "none"], default="auto", help=argparse.SUPPRESS)
+    g.add_argument(
+        "--no-progress", action="store_true", help="no live progress, only the final summary"
+    )
+    g.add_argument(
+        "--progress",
+        choices=["auto", "rich", "log", "none"],
+        default="auto",
+        help=argparse.SUPPRESS,
+    )
     g.add_argument("--workers-table", action="store_true", help="show one row per worker")
 
 
 def _worker_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("worker")
-    g.add_argument("--wait", type=_seconds, default=60.0, metavar="SECONDS", help="how long to keep trying to reach a master (default 60)")
-    g.add_argument("--threads", type=_positive_int, default=1, metavar="N", help="run N jobs at once on threads (IO-bound jobs)")
-    g.add_argument("--concurrency", type=_positive_int, default=1, metavar="N", help="jobs at once for an async def handle_job")
+    g.add_argument(
+        "--wait",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to keep trying to reach a master (default 60)",
+    )
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run N jobs at once on threads (IO-bound jobs)",
+    )
+    g.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="jobs at once for an async def handle_job",
+    )
     g.add_argument("--handle-job-callback", metavar="NAME", help="name of the handle_job function")
 
 
 def _address(p: argparse.ArgumentParser, default: str = security.DEFAULT_ADDRESS) -> None:
-    p.add_argument("--address", "-a", default=default, help=f"master endpoint, tcp://host:port or host:port (default {default})")
+    p.add_argument(
+        "--address",
+        "-a",
+        default=default,
+        help=f"master endpoint, tcp://host:port or host:port (default {default})",
+    )
 
 
 def _build_parser(prog: str = "tm") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Run handle_job on every job get_jobs yields, over many processes and machines.")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run handle_job on every job get_jobs yields, over processes and machines.",
+    )
     parser.add_argument("--version", action="version", version=f"taskmaster {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -118,7 +194,12 @@ def _build_parser(prog: str = "tm") -> argparse.ArgumentParser:
     _master_options(p)
     _worker_options(p)
     _common(p)
-    p.add_argument("--address", "-a", default=security.DEFAULT_ADDRESS, help="bind here instead of a free loopback port")
+    p.add_argument(
+        "--address",
+        "-a",
+        default=security.DEFAULT_ADDRESS,
+        help="bind here instead of a free loopback port",
+    )
 
     p = sub.add_parser("master", help="the controller alone")
     p.add_argument("tasks", metavar="TASKS")
@@ -135,21 +216,35 @@ def _build_parser(prog: str = "tm") -> argparse.ArgumentParser:
     _common(p)
 
     for name in ("worker", "slave"):
-        p = sub.add_parser(name, help="one worker process" if name == "worker" else argparse.SUPPRESS)
+        p = sub.add_parser(
+            name, help="one worker process" if name == "worker" else argparse.SUPPRESS
+        )
         p.add_argument("tasks", metavar="TASKS")
         _worker_options(p)
         _address(p)
         _common(p)
 
-    for name, text in (("status", "progress of a run, from its state file"), ("failures", "the failed jobs of a run")):
+    for name, text in (
+        ("status", "progress of a run, from its state file"),
+        ("failures", "the failed jobs of a run"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("tasks", metavar="TASKS")
         p.add_argument("kwargs", nargs="*", metavar="key=value")
         p.add_argument("--state", metavar="PATH")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "status":
-            p.add_argument("--watch", nargs="?", type=_seconds, const=2.0, metavar="SECONDS", help="refresh every SECONDS (default 2)")
-        p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+            p.add_argument(
+                "--watch",
+                nargs="?",
+                type=_seconds,
+                const=2.0,
+                metavar="SECONDS",
+                help="refresh every SECONDS (default 2)",
+            )
+        p.add_argument(
+            "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+        )
 
     sub.add_parser("secret", help="print a fresh random secret")
     return parser
@@ -166,7 +261,9 @@ def _master_opts(args: argparse.Namespace, target: Target, prog: str) -> MasterO
         max_attempts=args.max_attempts, max_job_bytes=args.max_job_bytes, total=args.total,
         checkpoint_interval_s=args.checkpoint_interval, liveness_s=args.liveness,
     )  # fmt: skip
-    hint = " ".join(["tm failures", target.spec, *args.kwargs] + (["--state", args.state] if args.state else []))
+    hint = " ".join(
+        ["tm failures", target.spec, *args.kwargs] + (["--state", args.state] if args.state else [])
+    )
     return MasterOptions(
         get_jobs=callables.get_jobs, count_jobs=callables.count_jobs, kwargs=kwargs,
         label=target.label, state_path=Path(args.state) if args.state else None,
@@ -201,7 +298,9 @@ def _cmd_master(args: argparse.Namespace) -> int:
 
 def _cmd_spawn(args: argparse.Namespace) -> int:
     target = parse_target(args.tasks)
-    return spawn_workers(_worker_opts(args, target, args.handle_job_callback or target.function), args.workers)
+    return spawn_workers(
+        _worker_opts(args, target, args.handle_job_callback or target.function), args.workers
+    )
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -264,8 +363,7 @@ def _print_status(data: dict[str, Any]) -> None:
         f"  done      {done}",
         f"  failed    {data['failed']:,}",
         f"  pending   {pending:,}" if pending is not None else "  pending   unknown (no total)",
-        f"  watermark {data['watermark']:,} "
-        f"(+{data['completed_above_watermark']:,} done above it)",
+        f"  watermark {data['watermark']:,} (+{data['completed_above_watermark']:,} done above it)",
     ]
     if data["running"]:
         eta = format_duration(data["eta_s"]) if data["eta_s"] is not None else "unknown"
@@ -324,10 +422,12 @@ def _cmd_failures(args: argparse.Namespace) -> int:
         print("no failed jobs")
         return EXIT_OK
     for f in failures:
-        print(f"job {f.job_id} {f.job_repr}: {f.error}: {f.message} (attempts {f.attempts}, worker {f.worker}, {f.failed_at})")
+        where = f"attempts {f.attempts}, worker {f.worker}, {f.failed_at}"
+        print(f"job {f.job_id} {f.job_repr}: {f.error}: {f.message} ({where})")
         if f.traceback:
             print("    " + f.traceback.rstrip().replace("\n", "\n    "))
-    print(f"{len(failures):,} failed job{'s' if len(failures) != 1 else ''}; re-run them with --retry-failed")
+    plural = "s" if len(failures) != 1 else ""
+    print(f"{len(failures):,} failed job{plural}; re-run them with --retry-failed")
     return EXIT_OK
 
 
@@ -371,6 +471,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "tm") -> NoReturn:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         status = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `tm failures --json | head`: the reader left; that is not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        status = EXIT_OK
     sys.exit(status)
 
 

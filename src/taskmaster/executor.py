@@ -7,21 +7,26 @@ socket, so heartbeats and acknowledgements keep flowing while a job runs.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import pickle
 import threading
 import time
 import traceback as tb_module
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 MAX_TRACEBACK_CHARS = 8000
 # Within a long batch, report finished jobs at least this often so the master's ledger and
 # progress move on, and a crash re-runs little.
 ACK_INTERVAL_S = 0.05
+
+# What a job may raise and still be a failed job rather than the end of its worker:
+# sys.exit() inside handle_job is the job's failure; Ctrl-C and SIGTERM stop the worker.
+JOB_ERRORS = (Exception, SystemExit)
 
 _loads = pickle.loads
 _monotonic = time.monotonic
@@ -135,10 +140,11 @@ class SerialExecutor:
                 results.current_id = job_id
                 try:
                     handle(loads(payload))
-                except Exception as exc:
+                except JOB_ERRORS as exc:
                     results.current_id = -1
                     self._flush_run(results, seq, id_seq, run_start, offset)
                     results.failed.append((seq, job_id, *describe_exception(exc)))
+                    results.finished += 1
                     run_start = offset + 1
                     results.post()
                 # A clock read every 16 jobs is enough to ack long batches as they go.
@@ -199,6 +205,8 @@ class ThreadExecutor(_Concurrent):
         self.handle_job = handle_job
 
     def run(self, queue: JobQueue, results: Results) -> None:
+        from concurrent.futures import ThreadPoolExecutor  # only workers that use threads pay
+
         slots = threading.BoundedSemaphore(self.slots)
         with ThreadPoolExecutor(self.slots, thread_name_prefix="taskmaster-job") as pool:
             while True:
@@ -221,7 +229,7 @@ class ThreadExecutor(_Concurrent):
         error: BaseException | None = None
         try:
             self.handle_job(_loads(payload))
-        except Exception as exc:
+        except JOB_ERRORS as exc:
             error = exc
         finally:
             slots.release()
@@ -236,9 +244,13 @@ class AsyncExecutor(_Concurrent):
         self.handle_job = handle_job
 
     def run(self, queue: JobQueue, results: Results) -> None:
+        import asyncio
+
         asyncio.run(self._main(queue, results))
 
     async def _main(self, queue: JobQueue, results: Results) -> None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         slots = asyncio.Semaphore(self.slots)
         tasks: set[asyncio.Task[None]] = set()
@@ -263,19 +275,26 @@ class AsyncExecutor(_Concurrent):
         error: BaseException | None = None
         try:
             await self.handle_job(_loads(payload))
-        except Exception as exc:
+        except JOB_ERRORS as exc:
             error = exc
         finally:
             slots.release()
         self._ended(results, seq, job_id, error)
 
 
+def _is_coroutine_function(func: Callable[..., Any]) -> bool:
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        return bool(code.co_flags & 0x80)  # CO_COROUTINE, without importing inspect
+    import inspect
+
+    return inspect.iscoroutinefunction(func)
+
+
 def make_executor(
     handle_job: Callable[[Any], Any], *, threads: int = 1, concurrency: int = 1
 ) -> SerialExecutor | ThreadExecutor | AsyncExecutor:
-    import inspect
-
-    if inspect.iscoroutinefunction(handle_job):
+    if _is_coroutine_function(handle_job):
         return AsyncExecutor(handle_job, max(1, concurrency))
     if threads > 1:
         return ThreadExecutor(handle_job, threads)

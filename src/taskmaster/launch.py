@@ -281,7 +281,7 @@ def _serve(
             failures_hint=options.failures_hint,
         )
         if retrying is not None:
-            master.state.total = len(retrying)
+            master.display_total = len(retrying)  # the run's own total stays in the ledger
         master.install_signal_handlers()
         try:
             status = master.run()
@@ -333,7 +333,8 @@ def spawn_workers(options: WorkerOptions, n: int) -> int:
     """``tm-spawn``: N workers, restarted when one dies; the combined exit status."""
     if n < 1:
         raise UsageError("the number of workers must be at least 1")
-    from . import worker  # noqa: F401  imported once here, not in every forked child
+    from . import worker as _preload  # noqa: F401  imported once here, not in each child
+
     security.check_libzmq()
     address = security.normalize_address(options.address)
     options.address = address
@@ -352,7 +353,7 @@ def run_all(master: MasterOptions, worker: WorkerOptions, n: int) -> Outcome:
     if n < 1:
         raise UsageError("the number of workers must be at least 1")
     security.check_libzmq()
-    from . import worker  # noqa: F401  imported once here, not in every forked child
+    from . import worker as _preload  # noqa: F401  imported once here, not in each child
 
     secret = master.secret or security.generate_secret()
     master.secret = worker.secret = secret
@@ -418,7 +419,7 @@ def _stop_child(pid: int, wait_first_s: float) -> None:
     while time.monotonic() < deadline:
         if os.waitpid(pid, os.WNOHANG)[0]:
             return
-        time.sleep(0.01)
+        time.sleep(0.002)
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -120,6 +120,16 @@ class CompletedSet:
         i = bisect.bisect_right(self._starts, job_id) - 1
         return i >= 0 and job_id < self._ends[i]
 
+    def covers(self, start: int, count: int) -> bool:
+        """Whether every id in ``[start, start+count)`` is resolved (one bisect)."""
+        end = start + count
+        if end <= self.watermark:
+            return True
+        if start < self.watermark:
+            start = self.watermark
+        i = bisect.bisect_right(self._starts, start) - 1
+        return i >= 0 and end <= self._ends[i]
+
     def ranges(self) -> list[tuple[int, int]]:
         return list(zip(self._starts, self._ends, strict=True))
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from . import protocol
 from .errors import ProtocolError
 from .feeder import Chunk, Feeder, safe_repr
-from .ledger import Checkpoint, Ledger
+from .ledger import Checkpoint, CompletedSet, Ledger
 from .progress import NullReporter, Reporter, Snapshot, StalledJob, Summary, WorkerRow
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,13 @@ class Lease:
     sent_at: float
     remaining: int
     suspect: bool = False
+    reported: CompletedSet | None = None
+
+    def report(self, first_id: int, count: int) -> int:
+        """Note ``count`` jobs from ``first_id`` as reported; return how many were new here."""
+        if self.reported is None:
+            self.reported = CompletedSet(-1)
+        return self.reported.add(first_id, count)
 
     def payload_of(self, job_id: int) -> bytes | None:
         chunk = self.chunk
@@ -177,6 +184,7 @@ class Master:
             started=base.started or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         self.done_at_start = base.done
+        self.display_total: int | None = None  # --retry-failed shows the failures to retry
         self.in_flight = 0
         self.dropped_frames = 0
         self.stopping = False
@@ -190,6 +198,7 @@ class Master:
         self._disconnects_seen = 0
         self._probe_sent = 0.0
         self._probe_deadline = 0.0
+        self._probe_again = False
         self._next_checkpoint = self.started_at + config.checkpoint_interval_s
         self._next_report = 0.0
         self._rate_samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=40)
@@ -314,34 +323,53 @@ class Master:
         acked_total = 0
         for seq, first_id, count in ack.acks:
             lease = leases.get(seq)
-            if lease is not None and worker is not None and lease.worker == worker.identity:
-                lease.remaining -= count
-                self.in_flight -= count
-                if lease.remaining <= 0:
-                    del leases[seq]
-                    worker.leases.discard(seq)
             acked_total += count
             if lease is not None and lease.chunk.ids is not None:
-                newly_total += self._resolve_ids(range(first_id, first_id + count), lease)
+                newly = self._resolve_ids(range(first_id, first_id + count), lease)
             else:
-                newly_total += self._resolve_range(first_id, count)
+                newly = self._resolve_range(first_id, count)
+            newly_total += newly
+            if lease is not None and worker is not None and lease.worker == worker.identity:
+                # Count what the lease had not heard of yet: a repeated report must not
+                # release the lease's other jobs.
+                self._lease_progress(lease, worker, lease.report(first_id, count))
         for seq, job_id, error, message, traceback in ack.failures:
             lease = self._lease_holding(worker, seq, job_id)
-            if lease is not None:
-                seq = lease.seq
             self._handle_failure(worker, lease, job_id, error, message, traceback, now)
             if lease is not None and worker is not None and lease.worker == worker.identity:
-                lease.remaining -= 1
-                self.in_flight -= 1
-                if lease.remaining <= 0:
-                    del leases[seq]
-                    worker.leases.discard(seq)
+                self._lease_progress(lease, worker, lease.report(job_id, 1))
         self.state.done += newly_total
         self.state.duplicates += acked_total - newly_total
         if worker is not None:
             worker.done += acked_total
             worker.last_seen = now
             worker.credit += ack.credit
+
+    def _lease_progress(self, lease: Lease, worker: WorkerState, count: int) -> None:
+        """``count`` more jobs of ``lease`` were reported; forget the lease when none is left."""
+        count = min(count, lease.remaining)
+        lease.remaining -= count
+        self.in_flight -= count
+        if lease.remaining <= 0:
+            del self.leases[lease.seq]
+            worker.leases.discard(lease.seq)
+
+    def _sweep_leases(self) -> None:
+        """Forget leases whose jobs were all resolved by others (a worker presumed lost
+        reported them first), so a run never waits on a lease nobody will settle."""
+        for lease in list(self.leases.values()):
+            chunk = lease.chunk
+            if chunk.ids is None and self.retrying is None:
+                settled = self.completed.covers(chunk.first_id, len(chunk))
+            else:
+                settled = all(self._is_resolved(i) for i in chunk.id_list())
+            if settled:
+                self.in_flight -= lease.remaining
+                lease.remaining = 0
+                del self.leases[lease.seq]
+                worker = self.workers.get(lease.worker)
+                if worker is not None:
+                    worker.leases.discard(lease.seq)
 
     def _lease_holding(self, worker: WorkerState | None, seq: int, job_id: int) -> Lease | None:
         """The lease of ``worker`` that holds ``job_id`` (``seq`` is the worker's guess)."""
@@ -460,13 +488,16 @@ class Master:
     def dispatch(self, now: float) -> None:
         feeder = self.feeder
         starved = False
-        for worker in self.workers.values():
-            while worker.credit > 0:
+        workers = self.workers
+        for worker in list(workers.values()):
+            while worker.credit > 0 and worker.identity in workers:
                 chunk, suspect = self._next_chunk(worker, now)
                 if chunk is None:
                     starved = True
                     break
                 self._send_chunk(worker, chunk, now, suspect)
+                if suspect:
+                    break  # a suspect travels alone, or a death could not be blamed on it
         feeder.waiting = starved
 
     def _next_chunk(self, worker: WorkerState, now: float) -> tuple[Chunk | None, bool]:
@@ -520,7 +551,8 @@ class Master:
     def _probe(self, now: float) -> None:
         """A connection closed: ask every worker to answer now, and drop the ones that don't."""
         if self._probe_deadline:
-            return  # one probe at a time: a flood of disconnects costs one round
+            self._probe_again = True  # one probe at a time: a flood costs one more round
+            return
         self._probe_sent = now
         self._probe_deadline = now + PROBE_WINDOW_S
         for identity in list(self.workers):
@@ -528,11 +560,10 @@ class Master:
 
     def expire(self, now: float) -> None:
         """Drop workers silent for longer than the liveness window; requeue their jobs."""
-        probed = self._probe_deadline and now >= self._probe_deadline
-        if probed:
-            self._probe_deadline = 0.0
+        probed = bool(self._probe_deadline) and now >= self._probe_deadline
+        probe_sent = self._probe_sent
         for worker in list(self.workers.values()):
-            if probed and worker.last_seen < self._probe_sent:
+            if probed and worker.last_seen < probe_sent:
                 logger.warning("lost worker=%s: no answer to a probe", worker.name)
                 self._drop_worker(worker, now, lost=True)
             elif now - worker.last_seen > self.config.liveness_s:
@@ -540,6 +571,11 @@ class Master:
                     "lost worker=%s silent for %.1fs", worker.name, now - worker.last_seen
                 )
                 self._drop_worker(worker, now, lost=True)
+        if probed:
+            self._probe_deadline = 0.0
+            if self._probe_again:
+                self._probe_again = False
+                self._probe(now)
 
     def _drop_worker(self, worker: WorkerState, now: float, *, lost: bool) -> None:
         self.workers.pop(worker.identity, None)
@@ -584,11 +620,11 @@ class Master:
             return 0
         if not lost:
             self.requeue.appendleft(_chunk_of(pending))
-        elif len(pending) == 1 and lease.suspect:
+        elif len(pending) == 1 and lease.suspect and self._alive_at(worker, lease.sent_at):
             job_id, payload = pending[0]
             attempts = self.attempts.get(job_id, 0) + 1
             if attempts >= self.config.max_attempts:
-                message = f"its worker died each of the {attempts} times it ran"
+                message = f"its worker died each of the {attempts} times it ran alone"
                 self._record_failure(
                     job_id, payload, attempts, "WorkerLost", message, "", worker.name
                 )
@@ -603,6 +639,10 @@ class Master:
         else:
             self.suspects.append(_chunk_of(pending))
         return len(pending)
+
+    def _alive_at(self, worker: WorkerState, when: float) -> bool:
+        """Whether ``worker`` was heard from shortly before ``when`` (so a job sent then ran)."""
+        return worker.last_seen >= when - 1.5 * self.config.heartbeat_s
 
     def _is_resolved(self, job_id: int) -> bool:
         if self.retrying is not None:
@@ -629,6 +669,7 @@ class Master:
 
     def checkpoint(self, now: float) -> None:
         self._next_checkpoint = now + self.config.checkpoint_interval_s
+        self._sweep_leases()
         state = self.state
         if self.retrying is None:
             point = self.resume_point()
@@ -660,7 +701,7 @@ class Master:
         return Snapshot(
             done=self.state.done,
             done_at_start=self.done_at_start,
-            total=self.state.total,
+            total=self.display_total if self.display_total is not None else self.state.total,
             failed=self.state.failed,
             retried=self.state.retried,
             duplicates=self.state.duplicates,

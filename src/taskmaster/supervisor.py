@@ -101,6 +101,7 @@ class Supervisor:
                     signal.signal(signal.SIGTERM, _terminate)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_SETMASK, old)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
                     status = self.worker_main(slot.index)
                 except KeyboardInterrupt:
                     status = EXIT_INTERRUPTED
@@ -149,10 +150,14 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the workers and block until all are finished; return the combined status."""
+        # SIGCHLD stays pending while blocked, so a child's exit ends the wait at once.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         self.start()
-        while not all(s.finished for s in self.slots):
+        while True:
             self.step(self.clock())
-            time.sleep(0.05)
+            if all(s.finished for s in self.slots):
+                break
+            signal.sigtimedwait({signal.SIGCHLD}, 0.05)
         if self.run_over:
             return EXIT_OK
         if self.interrupted:

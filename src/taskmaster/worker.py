@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -36,6 +37,8 @@ MAX_WINDOW = 8192
 # trip to the master, small enough that the last jobs of a run are spread over all workers.
 PREFETCH_S = 0.01
 HELLO_RETRY_S = 1.0
+# Well under the master's frame limit (protocol.MAX_WORKER_FRAME_BYTES).
+ACK_BUDGET_BYTES = 1024 * 1024
 
 
 class Session(threading.Thread):
@@ -74,7 +77,7 @@ class Session(threading.Thread):
         self.job_time_s = 0.0  # mean seconds of one slot per job, measured
         self._busy_seen = 0.0
         self._last_from_master = clock()
-        self._last_hello = 0.0
+        self._last_hello = -math.inf
         self._contact_deadline = clock() + wait_s
         self._next_heartbeat = 0.0
         self.stop_requested = False
@@ -159,7 +162,9 @@ class Session(threading.Thread):
         elif kind == protocol.PAUSE:
             self._lost_master(now, "the master is stopping")
         elif kind == protocol.REHELLO:
-            self._lost_master(now, "the master does not know us (restarted?)")
+            # A REHELLO soon after our HELLO answers a frame sent before it: already handled.
+            if now - self._last_hello >= HELLO_RETRY_S:
+                self._lost_master(now, "the master does not know us (restarted?)")
         elif kind == protocol.REFUSE:
             self._give_up(EXIT_GAVE_UP, f"the master refused this worker: {msg[1]}")
 
@@ -188,7 +193,8 @@ class Session(threading.Thread):
         self.welcomed = False
         self.dropped += self.queue.clear()
         self._contact_deadline = now + self.wait_s
-        self._send_hello(now)
+        if now - self._last_hello >= HELLO_RETRY_S:
+            self._send_hello(now)
 
     def _send_hello(self, now: float) -> None:
         self._flush(now, force=True)
@@ -212,11 +218,29 @@ class Session(threading.Thread):
         if not self.welcomed:
             if acks or failures:
                 # The old master is gone; tell whoever listens (the ledger keeps the truth).
-                self.transport.send(protocol.ack(0, acks, failures))
+                self._send_acks(0, acks, failures)
             return
         credit = self._grant()
         if acks or failures or credit:
-            self.transport.send(protocol.ack(credit, _merge(acks), failures))
+            self._send_acks(credit, _merge(acks), failures)
+
+    def _send_acks(
+        self,
+        credit: int,
+        acks: list[tuple[int, int, int]],
+        failures: list[tuple[int, int, str, str, str]],
+    ) -> None:
+        """One ACK, or several when failures' tracebacks would pass the master's frame limit."""
+        batch: list[tuple[int, int, str, str, str]] = []
+        size = 0
+        for failure in failures:
+            weight = 64 + sum(len(text.encode()) for text in failure[2:])
+            if batch and size + weight > ACK_BUDGET_BYTES:
+                self.transport.send(protocol.ack(0, [], batch))
+                batch, size = [], 0
+            batch.append(failure)
+            size += weight
+        self.transport.send(protocol.ack(credit, acks, batch))
 
     def _measure(self) -> None:
         """Update the mean duration of one job from what finished since the last look."""

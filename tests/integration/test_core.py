@@ -40,8 +40,12 @@ def test_seed_usage_master_then_spawn(procs: Processes, write_tasks, tmp_path: P
             print(job, flush=True)
         """
     )
-    master = procs.start("tm-master", "tasks.py")
-    spawn = procs.start("tm-spawn", "tasks.py", "4")
+    # Buffered stdout, so each print(flush=True) is one write(): with PYTHONUNBUFFERED set
+    # (as in some shells and CI), print() writes the number and the newline separately and
+    # four processes sharing one pipe interleave them.
+    unbuffered = {"PYTHONUNBUFFERED": ""}
+    master = procs.start("tm-master", "tasks.py", env=unbuffered)
+    spawn = procs.start("tm-spawn", "tasks.py", "4", env=unbuffered)
     spawn_out, spawn_err = spawn.communicate(timeout=30)
     _, master_err = master.communicate(timeout=30)
     assert master.returncode == 0, master_err.decode()

@@ -360,11 +360,6 @@ def test_duplicate_acks_are_counted_as_duplicates(make: Callable[..., Harness]) 
     assert h.master.in_flight == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: handle_ack subtracts a repeated partial ack from lease.remaining again, "
-    "deletes the lease early and loses its unacknowledged jobs",
-)
 def test_a_repeated_partial_ack_does_not_release_the_rest_of_the_lease(
     make: Callable[..., Harness],
 ) -> None:
@@ -614,12 +609,6 @@ def test_a_poison_job_runs_at_most_max_attempts_times(make: Callable[..., Harnes
     assert runs == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _requeue_lease blames a suspect for the death of a worker that was already "
-    "silent when the suspect was sent (never heard from after the lease), so innocent jobs "
-    "are recorded as WorkerLost",
-)
 def test_a_suspect_sent_to_an_already_silent_worker_is_not_blamed(
     make: Callable[..., Harness],
 ) -> None:
@@ -641,12 +630,6 @@ def test_a_suspect_sent_to_an_already_silent_worker_is_not_blamed(
     assert not h.master.finished
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: dispatch() gives the worker that just took a suspect more jobs in the same "
-    "loop (it has a lease now, so the idle check no longer applies), so the suspect does not "
-    "run alone and a death of that worker can blame it for another job",
-)
 def test_a_suspect_travels_alone(make: Callable[..., Harness]) -> None:
     h = make(range(10))
     w1 = h.worker()
@@ -805,11 +788,6 @@ def test_an_unreachable_idle_worker_is_lost_by_liveness(
     assert w.identity not in h.master.workers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _send_chunk drops the worker when a send fails but dispatch() keeps looping "
-    "on its unchanged credit (forever) while iterating the dict it shrank",
-)
 def test_a_failed_send_drops_the_worker_and_requeues(make: Callable[..., Harness]) -> None:
     h = make(range(4))
     gone, other = h.worker("gone"), h.worker("other")
