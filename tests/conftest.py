@@ -23,7 +23,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> None:
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02
+) -> None:
     """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -45,23 +47,31 @@ class Processes:
         self.cwd = cwd
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *args: str, env: dict[str, str] | None = None, **kwargs: object) -> subprocess.Popen[bytes]:
+    def start(
+        self, *args: str, env: dict[str, str] | None = None, **kwargs: object
+    ) -> subprocess.Popen[bytes]:
         command = [tm_command(args[0]), *args[1:]]
         full_env = {**os.environ, **(env or {})}
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
-        proc = subprocess.Popen(command, cwd=self.cwd, env=full_env, start_new_session=True, **kwargs)  # type: ignore[call-overload]
+        proc = subprocess.Popen(
+            command, cwd=self.cwd, env=full_env, start_new_session=True, **kwargs
+        )  # type: ignore[call-overload]
         self.started.append(proc)
         return proc
 
-    def run(self, *args: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, timeout: float = 60, **kwargs: object
+    ) -> subprocess.CompletedProcess[str]:
         proc = self.start(*args, **kwargs)
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill(proc)
             out, err = proc.communicate()
-            raise AssertionError(f"{args} did not finish in {timeout}s\nstdout:\n{out.decode()}\nstderr:\n{err.decode()}") from None
+            raise AssertionError(
+                f"{args} did not finish in {timeout}s\nstdout:\n{out.decode()}\nstderr:\n{err.decode()}"
+            ) from None
         return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
 
     @staticmethod
@@ -122,7 +132,7 @@ def write_tasks(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
-RECORDING_TASKS = '''
+RECORDING_TASKS = """
 import os, sys
 
 RECORD = os.environ["TM_TEST_RECORD"]
@@ -140,7 +150,7 @@ def handle_job(job):
         os.write(fd, f"{job} {os.getpid()}\\n".encode())
     finally:
         os.close(fd)
-'''
+"""
 
 
 def read_record(path: Path) -> list[int]:

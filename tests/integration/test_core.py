@@ -16,7 +16,9 @@ pytestmark = pytest.mark.timeout(60)
 def test_tm_run_runs_each_job_exactly_once(procs: Processes, write_tasks, tmp_path: Path) -> None:
     write_tasks(RECORDING_TASKS)
     record = tmp_path / "record.txt"
-    result = procs.run("tm-run", "tasks.py", "2", "n=20000", "--no-progress", env={"TM_TEST_RECORD": str(record)})
+    result = procs.run(
+        "tm-run", "tasks.py", "2", "n=20000", "--no-progress", env={"TM_TEST_RECORD": str(record)}
+    )
     assert result.returncode == 0, result.stderr
     ran = collections.Counter(read_record(record))
     assert sorted(ran) == list(range(20000))
@@ -55,12 +57,16 @@ def test_seed_usage_master_then_spawn(procs: Processes, write_tasks, tmp_path: P
     assert set(printed.values()) == {1}
 
 
-def test_spawn_before_master_also_works(procs: Processes, write_tasks, tmp_path: Path, endpoint: str) -> None:
+def test_spawn_before_master_also_works(
+    procs: Processes, write_tasks, tmp_path: Path, endpoint: str
+) -> None:
     write_tasks(RECORDING_TASKS)
     record = tmp_path / "record.txt"
     env = {"TM_TEST_RECORD": str(record)}
     spawn = procs.start("tm-spawn", "tasks.py", "2", "--address", endpoint, env=env)
-    master = procs.start("tm-master", "tasks.py", "n=500", "--address", endpoint, "--no-progress", env=env)
+    master = procs.start(
+        "tm-master", "tasks.py", "n=500", "--address", endpoint, "--no-progress", env=env
+    )
     assert master.wait(timeout=30) == 0
     assert spawn.wait(timeout=30) == 0
     assert sorted(read_record(record)) == list(range(500))
@@ -79,7 +85,15 @@ def test_module_function_target_and_kwargs(procs: Processes, tmp_path: Path) -> 
         "        f.write(f'{job}\\n')\n"
     )
     out = tmp_path / "out.txt"
-    result = procs.run("tm-run", "jobs_pkg.work:numbers", "2", "start=5", "stop=50", "--no-progress", env={"OUT": str(out)})
+    result = procs.run(
+        "tm-run",
+        "jobs_pkg.work:numbers",
+        "2",
+        "start=5",
+        "stop=50",
+        "--no-progress",
+        env={"OUT": str(out)},
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(int(x) for x in out.read_text().split()) == list(range(5, 50))
 
@@ -93,7 +107,9 @@ def test_module_function_target_and_kwargs(procs: Processes, tmp_path: Path) -> 
         ("raise RuntimeError('boom at import')\n", "RuntimeError: boom at import"),
     ],
 )
-def test_bad_tasks_file_exits_2_with_one_line(procs: Processes, tmp_path: Path, source: str | None, expected: str) -> None:
+def test_bad_tasks_file_exits_2_with_one_line(
+    procs: Processes, tmp_path: Path, source: str | None, expected: str
+) -> None:
     if source is not None:
         (tmp_path / "tasks.py").write_text(source)
     result = procs.run("tm-run", "tasks.py", "2", "--no-progress")
