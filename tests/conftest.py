@@ -69,9 +69,8 @@ class Processes:
         except subprocess.TimeoutExpired:
             self.kill(proc)
             out, err = proc.communicate()
-            raise AssertionError(
-                f"{args} did not finish in {timeout}s\nstdout:\n{out.decode()}\nstderr:\n{err.decode()}"
-            ) from None
+            output = f"stdout:\n{out.decode()}\nstderr:\n{err.decode()}"
+            raise AssertionError(f"{args} did not finish in {timeout}s\n{output}") from None
         return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
 
     @staticmethod
