@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 import pickle
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import pytest
 
 from taskmaster.feeder import Chunk, Feeder
-from taskmaster.ledger import CompletedSet
+from taskmaster.launch import MasterOptions, _resume_jobs
+from taskmaster.ledger import Checkpoint, CompletedSet, Ledger
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -236,3 +238,112 @@ def test_chunk_split_keeps_ids_and_payloads_aligned() -> None:
     assert (chunk.first_id, chunk.id_list(), chunk.payloads) == (10, [10, 30], [b"c", b"d"])
     plain = Chunk(0, [b"a", b"b", b"c"])
     assert plain.split(1).id_list() == [0] and plain.id_list() == [1, 2]
+
+
+# -- where a resumed feeder starts (launch._resume_jobs) --------------------------------------
+
+
+def _resumable_ledger(tmp_path: Path, watermark: int, ranges: list[tuple[int, int]]) -> Ledger:
+    ledger = Ledger.open(tmp_path / "state.db", {"target": "t", "kwargs": {}})
+    ledger.completed = CompletedSet(watermark, ranges)
+    ledger.checkpoint(
+        Checkpoint(
+            resume_id=watermark,
+            resume_job=pickle.dumps(f"job{watermark}"),
+            first_job=pickle.dumps("job0"),
+            done=watermark,
+        )
+    )
+    ledger.close()
+    return Ledger.open(tmp_path / "state.db", {"target": "t", "kwargs": {}})
+
+
+def _resumed(
+    tmp_path: Path, get_jobs: Callable[..., Iterable[str]], feeders: list[Feeder] | None = None
+) -> list[tuple[int, object]]:
+    """Run the feeder the way serve_master sets it up on resume; (id, job) handed out."""
+    ledger = _resumable_ledger(tmp_path, 100, [(102, 105)])
+    try:
+        jobs, start_id = _resume_jobs(MasterOptions(get_jobs=get_jobs), ledger)
+        done = ledger.completed
+        feeder = Feeder(
+            jobs, size=1000, start_id=start_id, skip_below=done.watermark,
+            skip=done.__contains__, skip_until=done.highest,
+        )  # fmt: skip
+        feeder.start()
+        if feeders is not None:
+            feeders.append(feeder)
+        return _drain(feeder)
+    finally:
+        ledger.close()
+
+
+EXPECTED = [(i, f"job{i}") for i in (100, 101, *range(105, 120))]
+
+
+def test_resume_with_last_starts_at_the_watermark(tmp_path: Path) -> None:
+    calls: list[object] = []
+
+    def get_jobs(last: str | None = None) -> Iterator[str]:
+        calls.append(last)
+        start = int(last[3:]) if last else 0
+        yield from (f"job{i}" for i in range(start, 120))
+
+    assert _resumed(tmp_path, get_jobs) == EXPECTED
+    assert calls == ["job100"]
+
+
+def test_resume_without_last_replays(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def get_jobs() -> Iterator[str]:
+        yield from (f"job{i}" for i in range(120))
+
+    assert _resumed(tmp_path, get_jobs) == EXPECTED
+    assert "takes no `last`: replaying 100 done jobs" in caplog.text
+    assert "replayed 100 done jobs" in caplog.text
+
+
+def test_resume_of_a_get_jobs_that_ignores_last(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def get_jobs(last: str = "0") -> Iterator[str]:  # the 2012 article's shape
+        yield from (f"job{i}" for i in range(120))
+
+    assert _resumed(tmp_path, get_jobs) == EXPECTED
+    assert "ignores `last`" in caplog.text
+
+
+def test_resume_when_the_first_job_matches_neither(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def get_jobs(last: str | None = None) -> Iterator[str]:
+        yield from (f"other{i}" for i in range(3))
+
+    got = _resumed(tmp_path, get_jobs)
+    assert [i for i, _ in got] == [100, 101]  # numbered from the resume id, as promised
+    assert any(
+        r.levelname == "ERROR" and "must yield `last` first" in r.message for r in caplog.records
+    )
+
+
+def test_resume_compares_by_value_when_pickles_differ(tmp_path: Path) -> None:
+    ledger = _resumable_ledger(tmp_path, 3, [])
+    try:
+        # An equal job whose pickle differs (a set built in another order).
+        ledger.checkpoint_row.resume_job = pickle.dumps({"a", "b", "c", "d", "e"})
+        jobs, start_id = _resume_jobs(
+            MasterOptions(get_jobs=lambda last=None: iter([{"e", "d", "c", "b", "a"}])), ledger
+        )
+        assert start_id == 3 and list(jobs()) == [{"a", "b", "c", "d", "e"}]
+    finally:
+        ledger.close()
+
+
+def test_resume_with_get_jobs_raising_at_once(tmp_path: Path) -> None:
+    def get_jobs(last: str | None = None) -> Iterator[str]:
+        raise ConnectionError("no database")
+        yield "never"
+
+    feeders: list[Feeder] = []
+    assert _resumed(tmp_path, get_jobs, feeders) == []
+    failure = feeders[0].failure
+    assert failure is not None and failure.job_id == 100 and failure.error == "ConnectionError"
