@@ -35,6 +35,11 @@ _HANDSHAKE_FAILED = (
 )
 
 
+def _is_ipv6(address: str) -> bool:
+    # Only for IPv6 literals: with the option on, IPv4 endpoints read back as ::ffff:a.b.c.d.
+    return "[" in address
+
+
 class ZapHandler(threading.Thread):
     """Accept CURVE clients whose public key is the worker key derived from the secret."""
 
@@ -92,6 +97,7 @@ class MasterTransport:
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         sock.sndhwm = 0
         sock.rcvhwm = 0
+        sock.ipv6 = _is_ipv6(address)
         try:
             sock.bind(address)
         except zmq.ZMQError as exc:
@@ -218,6 +224,7 @@ class WorkerTransport:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         sock.sndhwm = 0
         sock.rcvhwm = 0
+        sock.ipv6 = _is_ipv6(address)
         self._monitor = sock.get_monitor_socket(
             zmq.EVENT_CONNECTED
             | zmq.EVENT_DISCONNECTED
@@ -270,7 +277,8 @@ class WorkerTransport:
             raise HandshakeFailed(
                 f"cannot authenticate with the master at {self.address} (CURVE handshake "
                 f"failed {self.failed_handshakes} times): most likely this worker's secret is "
-                "not the master's; use the same --secret-file or TM_SECRET on both sides"
+                "not the master's; use the same --secret-file or TM_SECRET on both sides "
+                "(or, on one machine, start both in the same directory)"
             )
 
     def _on_event(self, event: int) -> None:

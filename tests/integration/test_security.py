@@ -497,3 +497,31 @@ def test_deeply_nested_frame_is_dropped_not_fatal(
     log = (tmp_path / "master.log").read_text()
     assert master.poll() is None, log[-2000:]
     assert dropped_so_far(tmp_path / "master.log") == len(frames), log[-2000:]
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) here")
+def test_ipv6_loopback_needs_no_setup(procs: Processes, write_tasks, tmp_path: Path) -> None:
+    write_tasks(RECORDING_TASKS)
+    record = tmp_path / "record.txt"
+    env = {"TM_TEST_RECORD": str(record)}
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://[::1]:{port}"
+    master = procs.start(
+        "tm-master", "tasks.py", "n=100", "--address", address, "--no-progress", env=env
+    )
+    spawn = procs.start("tm-spawn", "tasks.py", "2", "--address", address, env=env)
+    _, err = master.communicate(timeout=60)
+    assert master.returncode == 0, err.decode()
+    assert spawn.wait(timeout=30) == 0
+    assert sorted(read_record(record)) == list(range(100))
