@@ -525,3 +525,41 @@ def test_ipv6_loopback_needs_no_setup(procs: Processes, write_tasks, tmp_path: P
     assert master.returncode == 0, err.decode()
     assert spawn.wait(timeout=30) == 0
     assert sorted(read_record(record)) == list(range(100))
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (protocol.refuse("protocol version 1 is not 2: run the same version"), "refused"),
+        (protocol.pack([protocol.WELCOME, 999, 1, {"heartbeat_s": 0.5}]), "protocol 999"),
+    ],
+)
+def test_worker_refused_by_a_master_of_another_version_exits_clearly(
+    procs: Processes, write_tasks, answer: bytes, expected: str
+) -> None:
+    # A master of another version, played here by the real transport answering the HELLO.
+    from taskmaster.transport import MasterTransport
+
+    write_tasks(NOOP_TASKS)
+    secret = security.generate_secret()
+    fake = MasterTransport("tcp://127.0.0.1:*", security.derive_keys(secret))
+    try:
+        worker = procs.start(
+            "tm-worker", "tasks.py", "--address", fake.address, env={security.SECRET_ENV: secret}
+        )
+        hello: list[tuple[bytes, bytes]] = []
+
+        def got_hello() -> bool:
+            fake.poll(0.05)
+            hello.extend(fake.receive())
+            return bool(hello)
+
+        wait_until(got_hello, timeout=20)
+        assert protocol.decode_from_worker(hello[0][1]).version == protocol.PROTOCOL_VERSION  # type: ignore[union-attr]
+        assert fake.send(hello[0][0], answer)
+        _, err = worker.communicate(timeout=20)
+    finally:
+        fake.close()
+    assert worker.returncode != 0
+    line = one_line(err.decode())
+    assert expected in line and "version" in line, line
