@@ -34,13 +34,48 @@ _monotonic = time.monotonic
 
 @dataclass(slots=True)
 class Batch:
+    """Jobs from one JOBS message: per-job pickles, or pickled lists of jobs (packed)."""
+
     seq: int
     ids: int | list[int]
     payloads: list[bytes]
+    count: int = -1
+    packed: bool = False  # each payload is a pickled list of jobs
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            self.count = len(self.payloads)
 
     def job_id(self, offset: int) -> int:
         ids = self.ids
         return ids + offset if isinstance(ids, int) else ids[offset]
+
+    def id_seq(self) -> range | list[int]:
+        ids = self.ids
+        return range(ids, ids + self.count) if isinstance(ids, int) else ids
+
+
+def unpack(batch: Batch, results: Results) -> tuple[list[Any], bool] | None:
+    """The batch's items and whether they are jobs already (packed) or pickles to load.
+
+    A packed batch that cannot be unpickled here (say, a class this machine cannot import)
+    fails as a whole: every job in it is reported with the error.
+    """
+    if not batch.packed:
+        return batch.payloads, False
+    try:
+        payloads = batch.payloads
+        jobs = (
+            _loads(payloads[0]) if len(payloads) == 1 else [j for p in payloads for j in _loads(p)]
+        )
+    except JOB_ERRORS as exc:
+        described = describe_exception(exc)
+        for job_id in batch.id_seq():
+            results.failed.append((batch.seq, job_id, *described))
+        results.finished += batch.count
+        results.post()
+        return None
+    return jobs, True
 
 
 class JobQueue:
@@ -66,7 +101,7 @@ class JobQueue:
     def clear(self) -> int:
         """Drop batches not yet started; return how many jobs were dropped."""
         with self._cond:
-            dropped = sum(len(b.payloads) for b in self._batches)
+            dropped = sum(b.count for b in self._batches)
             self._batches.clear()
             return dropped
 
@@ -131,15 +166,19 @@ class SerialExecutor:
             batch = queue.get()
             if batch is None:
                 return
-            seq, ids = batch.seq, batch.ids
-            id_seq = range(ids, ids + len(batch.payloads)) if isinstance(ids, int) else ids
+            unpacked = unpack(batch, results)
+            if unpacked is None:
+                continue
+            items, packed = unpacked
+            seq = batch.seq
+            id_seq = batch.id_seq()
             results.current_seq = seq
             started = last_post = _monotonic()
             run_start = 0  # offset where the current run of successes began
-            for offset, (job_id, payload) in enumerate(zip(id_seq, batch.payloads, strict=True)):
+            for offset, (job_id, item) in enumerate(zip(id_seq, items, strict=True)):
                 results.current_id = job_id
                 try:
-                    handle(loads(payload))
+                    handle(item if packed else loads(item))
                 except JOB_ERRORS as exc:
                     results.current_id = -1
                     self._flush_run(results, seq, id_seq, run_start, offset)
@@ -156,7 +195,7 @@ class SerialExecutor:
                     started = last_post = now
                     results.post()
             results.current_id = -1
-            self._flush_run(results, seq, id_seq, run_start, len(batch.payloads))
+            self._flush_run(results, seq, id_seq, run_start, batch.count)
             results.busy_s += _monotonic() - started
             results.post()
 
@@ -213,9 +252,13 @@ class ThreadExecutor(_Concurrent):
                 batch = queue.get()
                 if batch is None:
                     return
-                for offset, payload in enumerate(batch.payloads):
+                unpacked = unpack(batch, results)
+                if unpacked is None:
+                    continue
+                items, packed = unpacked
+                for job_id, item in zip(batch.id_seq(), items, strict=True):
                     slots.acquire()
-                    pool.submit(self._one, results, slots, batch.seq, batch.job_id(offset), payload)
+                    pool.submit(self._one, results, slots, batch.seq, job_id, item, packed)
 
     def _one(
         self,
@@ -223,12 +266,13 @@ class ThreadExecutor(_Concurrent):
         slots: threading.BoundedSemaphore,
         seq: int,
         job_id: int,
-        payload: bytes,
+        item: Any,
+        packed: bool,
     ) -> None:
         self._started(results, seq, job_id)
         error: BaseException | None = None
         try:
-            self.handle_job(_loads(payload))
+            self.handle_job(item if packed else _loads(item))
         except JOB_ERRORS as exc:
             error = exc
         finally:
@@ -258,23 +302,31 @@ class AsyncExecutor(_Concurrent):
             batch = queue.get(0) or await loop.run_in_executor(None, queue.get)
             if batch is None:
                 break
-            for offset, payload in enumerate(batch.payloads):
+            unpacked = unpack(batch, results)
+            if unpacked is None:
+                continue
+            items, packed = unpacked
+            for job_id, item in zip(batch.id_seq(), items, strict=True):
                 await slots.acquire()
-                task = loop.create_task(
-                    self._one(results, slots, batch.seq, batch.job_id(offset), payload)
-                )
+                task = loop.create_task(self._one(results, slots, batch.seq, job_id, item, packed))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _one(
-        self, results: Results, slots: asyncio.Semaphore, seq: int, job_id: int, payload: bytes
+        self,
+        results: Results,
+        slots: asyncio.Semaphore,
+        seq: int,
+        job_id: int,
+        item: Any,
+        packed: bool,
     ) -> None:
         self._started(results, seq, job_id)
         error: BaseException | None = None
         try:
-            await self.handle_job(_loads(payload))
+            await self.handle_job(item if packed else _loads(item))
         except JOB_ERRORS as exc:
             error = exc
         finally:

@@ -30,19 +30,99 @@ REPLAY_STEP = 100_000
 
 @dataclass(slots=True)
 class Chunk:
-    """Consecutive jobs: ids ``first_id …`` (or the explicit ``ids``) with their pickles."""
+    """Consecutive jobs: ids ``first_id …`` (or the explicit ``ids``) and their pickles.
+
+    Jobs straight from the generator are *packed*: each pull pickled as one list (``blobs``,
+    with ``blob_counts`` jobs each, and ``head``, the first job's own pickle for the resume
+    point), which costs a tenth of pickling each job. Contiguous packed chunks merge by
+    listing their blobs. A chunk is unpacked into per-job pickles only when it must be split
+    or one job's payload is needed (a retry, a failure record).
+    """
 
     first_id: int
-    payloads: list[bytes]
+    payloads: list[bytes] | None
     ids: list[int] | None = None
+    blobs: list[bytes] | None = None
+    blob_counts: list[int] | None = None
+    count: int = -1
+    head: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.payloads is not None:
+            self.count = len(self.payloads)
+        elif self.blob_counts is not None:
+            self.count = sum(self.blob_counts)
 
     def __len__(self) -> int:
-        return len(self.payloads)
+        return self.count
+
+    @property
+    def packed(self) -> bool:
+        return self.blobs is not None
+
+    def pickles(self) -> list[bytes]:
+        """The per-job pickles (unpacking a packed chunk once; the master pickled it)."""
+        if self.payloads is None:
+            assert self.blobs is not None
+            self.payloads = [
+                pickle.dumps(job, PICKLE_PROTOCOL)
+                for blob in self.blobs
+                for job in pickle.loads(blob)
+            ]
+            self.blobs = self.blob_counts = None
+        return self.payloads
+
+    def wire(self) -> tuple[list[bytes], int | list[int]]:
+        """What a JOBS message carries: (per-job pickles, count) or (blobs, jobs per blob)."""
+        if self.blobs is not None and self.blob_counts is not None:
+            return self.blobs, self.blob_counts
+        return self.pickles(), self.count
+
+    def absorb(self, other: Chunk) -> bool:
+        """Append ``other`` if its ids continue ours in the same form; return whether it did."""
+        if self.ids is not None or other.ids is not None:
+            return False
+        if self.first_id + self.count != other.first_id:
+            return False
+        if self.blobs is not None and other.blobs is not None:
+            assert self.blob_counts is not None and other.blob_counts is not None
+            self.blobs.extend(other.blobs)
+            self.blob_counts.extend(other.blob_counts)
+        else:  # mixed forms (rare: around a bad job): both become per-job pickles
+            self.pickles().extend(other.pickles())
+        self.count += other.count
+        return True
+
+    def lowest(self) -> tuple[int, bytes]:
+        """The lowest job id here, with its pickle."""
+        if self.ids is None:
+            return self.first_id, self.head if self.head is not None else self.pickles()[0]
+        payloads = self.pickles()
+        i = min(range(len(self.ids)), key=self.ids.__getitem__)
+        return self.ids[i], payloads[i]
 
     def split(self, n: int) -> Chunk:
-        """Cut off and return the first ``n`` jobs."""
-        head = Chunk(self.first_id, self.payloads[:n], self.ids[:n] if self.ids else None)
-        del self.payloads[:n]
+        """Cut off and return the first ``n`` jobs (a packed chunk stays packed)."""
+        if self.blobs is not None and self.ids is None:
+            jobs = [job for blob in self.blobs for job in pickle.loads(blob)]
+            head = Chunk(
+                self.first_id,
+                None,
+                blobs=[pickle.dumps(jobs[:n], PICKLE_PROTOCOL)],
+                blob_counts=[n],
+                head=self.head,
+            )
+            self.blobs = [pickle.dumps(jobs[n:], PICKLE_PROTOCOL)]
+            self.blob_counts = [len(jobs) - n]
+            self.count = len(jobs) - n
+            self.head = pickle.dumps(jobs[n], PICKLE_PROTOCOL)
+            self.first_id += n
+            return head
+        payloads = self.pickles()
+        head = Chunk(self.first_id, payloads[:n], self.ids[:n] if self.ids else None)
+        del payloads[:n]
+        self.count = len(payloads)
+        self.head = None
         if self.ids is not None:
             del self.ids[:n]
             self.first_id = self.ids[0] if self.ids else self.first_id
@@ -54,7 +134,7 @@ class Chunk:
         return (
             self.ids
             if self.ids is not None
-            else list(range(self.first_id, self.first_id + len(self.payloads)))
+            else list(range(self.first_id, self.first_id + self.count))
         )
 
 
@@ -164,15 +244,8 @@ class Feeder(threading.Thread):
                     head = head.split(n)
                 n -= len(head)
                 self._buffered -= len(head)
-                # Merge with the previous chunk when ids continue, so one message carries both.
-                if (
-                    out
-                    and out[-1].ids is None
-                    and head.ids is None
-                    and (out[-1].first_id + len(out[-1]) == head.first_id)
-                ):
-                    out[-1].payloads.extend(head.payloads)
-                else:
+                # Chunks whose ids continue travel in one message.
+                if not (out and out[-1].absorb(head)):
                     out.append(head)
             self._cond.notify()
         return out
@@ -182,8 +255,7 @@ class Feeder(threading.Thread):
         with self._cond:
             if not self._chunks or self._bad:
                 return None  # an undrained bad job is lower than the head: no point yet
-            head = self._chunks[0]
-            return (head.ids[0] if head.ids else head.first_id), head.payloads[0]
+            return self._chunks[0].lowest()
 
     @property
     def next_id(self) -> int:
@@ -296,16 +368,24 @@ class Feeder(threading.Thread):
         first_id = self._next_id
         self._next_id += len(items)
         self.stats.produced += len(items)
+        if not self._any_skipped(first_id, len(items)):
+            try:
+                blob: bytes | None = pickle.dumps(items, PICKLE_PROTOCOL)
+            except Exception:
+                blob = None
+            # A packed chunk within the size limit holds no job over it.
+            if blob is not None and len(blob) <= self._max_job_bytes:
+                head = pickle.dumps(items[0], PICKLE_PROTOCOL)
+                if first_id == 0:
+                    self.first_payload = head
+                self._push(Chunk(first_id, None, blobs=[blob], blob_counts=[len(items)], head=head))
+                return
         try:
             payloads = [pickle.dumps(job, PICKLE_PROTOCOL) for job in items]
         except Exception:
             payloads = []
-        if len(payloads) == len(items) and max(map(len, payloads)) <= self._max_job_bytes:
-            if first_id == 0:
-                self.first_payload = payloads[0]
-            if not self._any_skipped(first_id, len(items)):
-                self._push(Chunk(first_id, payloads))
-                return
+        if len(payloads) == len(items) and first_id == 0:
+            self.first_payload = payloads[0]
         self._put_slowly(first_id, items, payloads)
 
     def _any_skipped(self, first_id: int, n: int) -> bool:

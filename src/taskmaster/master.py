@@ -89,9 +89,9 @@ class Lease:
         chunk = self.chunk
         if chunk.ids is None:
             offset = job_id - chunk.first_id
-            return chunk.payloads[offset] if 0 <= offset < len(chunk.payloads) else None
+            return chunk.pickles()[offset] if 0 <= offset < len(chunk) else None
         try:
-            return chunk.payloads[chunk.ids.index(job_id)]
+            return chunk.pickles()[chunk.ids.index(job_id)]
         except ValueError:
             return None
 
@@ -121,14 +121,6 @@ class WorkerState:
 def _chunk_of(jobs: list[tuple[int, bytes]]) -> Chunk:
     ids = [job_id for job_id, _ in jobs]
     return Chunk(ids[0], [payload for _, payload in jobs], ids)
-
-
-def _lowest(chunk: Chunk) -> tuple[int, bytes]:
-    """The lowest job id in a chunk, with its payload."""
-    if chunk.ids is None:
-        return chunk.first_id, chunk.payloads[0]
-    i = min(range(len(chunk.ids)), key=chunk.ids.__getitem__)
-    return chunk.ids[i], chunk.payloads[i]
 
 
 class Master:
@@ -525,7 +517,7 @@ class Master:
         self._seq += 1
         seq = self._seq
         ids: int | list[int] = chunk.ids if chunk.ids is not None else chunk.first_id
-        if not self.transport.send(worker.identity, protocol.jobs(seq, ids, chunk.payloads)):
+        if not self.transport.send(worker.identity, protocol.jobs(seq, ids, *chunk.wire())):
             self.requeue.appendleft(chunk)
             self._drop_worker(worker, now, lost=False)
             return
@@ -533,7 +525,7 @@ class Master:
         if self.first_dispatch_s is None:
             self.first_dispatch_s = now - self.started_at
             logger.info(
-                "first dispatch after %.3fs job=%d", self.first_dispatch_s, _lowest(chunk)[0]
+                "first dispatch after %.3fs job=%d", self.first_dispatch_s, chunk.lowest()[0]
             )
         worker.credit -= n
         worker.leases.add(seq)
@@ -604,7 +596,7 @@ class Master:
         chunk = lease.chunk
         pending = [
             (i, p)
-            for i, p in zip(chunk.id_list(), chunk.payloads, strict=True)
+            for i, p in zip(chunk.id_list(), chunk.pickles(), strict=True)
             if not self._is_resolved(i)
         ]
         if timed_out is not None:
@@ -655,9 +647,9 @@ class Master:
         """The lowest unresolved job we hold (id, payload): what ``last`` must be on resume."""
         best: tuple[int, bytes] | None = None
         candidates: list[tuple[int, bytes]] = []
-        candidates.extend(_lowest(lease.chunk) for lease in self.leases.values())
-        candidates.extend(_lowest(chunk) for chunk in self.requeue)
-        candidates.extend(_lowest(chunk) for chunk in self.suspects)
+        candidates.extend(lease.chunk.lowest() for lease in self.leases.values())
+        candidates.extend(chunk.lowest() for chunk in self.requeue)
+        candidates.extend(chunk.lowest() for chunk in self.suspects)
         candidates.extend((job_id, payload) for _, job_id, payload in self.delayed)
         head = self.feeder.peek_first()
         if head is not None:

@@ -19,7 +19,10 @@ Master → worker::
     WELCOME    [10, version, epoch, config]
                  config:   {"heartbeat_s": float, "liveness_s": float, "timeout_s": float|None}
     REFUSE     [11, reason]                                version mismatch or shutting down
-    JOBS       [12, seq, ids, [payload, …]]                ids: first id (int) or a list of ids
+    JOBS       [12, seq, ids, payloads, counts]            ids: first id (int) or a list of ids;
+                                                           counts an int: one pickle per job;
+                                                           a list: payloads[i] is a pickled
+                                                           list of counts[i] jobs (packed)
     PING       [13, epoch]                                 master heartbeat
     END        [14]                                        the run is over: exit 0
     PAUSE      [15]                                        master stopping: drop queued jobs, wait
@@ -242,8 +245,28 @@ def refuse(reason: str) -> bytes:
     return pack([REFUSE, reason])
 
 
-def jobs(seq: int, ids: int | list[int], payloads: list[bytes]) -> bytes:
-    return pack([JOBS, seq, ids, payloads])
+def jobs(
+    seq: int, ids: int | list[int], payloads: list[bytes], counts: int | list[int] | None = None
+) -> bytes:
+    """JOBS with one pickle per job (``counts`` omitted or an int), or packed: each payload
+    a pickled list of jobs and ``counts`` the number of jobs in each."""
+    return pack([JOBS, seq, ids, payloads, len(payloads) if counts is None else counts])
+
+
+def job_count(counts: int | list[int]) -> int:
+    return counts if isinstance(counts, int) else sum(counts)
+
+
+def decode_jobs(message: list[Any]) -> tuple[int, list[int], list[Any]]:
+    """A JOBS message as (seq, job ids, jobs), unpickling either form (tests, tools)."""
+    import pickle
+
+    _, seq, ids, payloads, counts = message
+    n = job_count(counts)
+    id_list = list(range(ids, ids + n)) if isinstance(ids, int) else list(ids)
+    if isinstance(counts, list):
+        return seq, id_list, [job for blob in payloads for job in pickle.loads(blob)]
+    return seq, id_list, [pickle.loads(p) for p in payloads]
 
 
 def ping(epoch: int) -> bytes:

@@ -146,9 +146,10 @@ class Session(threading.Thread):
         self._last_from_master = now
         kind = msg[0]
         if kind == protocol.JOBS:
-            _, seq, ids, payloads = msg
-            self.received += len(payloads)
-            self.queue.put(Batch(seq, ids, payloads))
+            _, seq, ids, payloads, counts = msg
+            batch = Batch(seq, ids, payloads, protocol.job_count(counts), isinstance(counts, list))
+            self.received += batch.count
+            self.queue.put(batch)
         elif kind == protocol.PING:
             if self.welcomed and msg[1] != self.epoch:
                 self._lost_master(now, "a new master answered")

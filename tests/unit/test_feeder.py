@@ -24,7 +24,7 @@ def _drain(feeder: Feeder, n: int = 1000) -> list[tuple[int, object]]:
     while True:
         chunks = feeder.take(n)
         for chunk in chunks:
-            out.extend(zip(chunk.id_list(), map(pickle.loads, chunk.payloads), strict=True))
+            out.extend(zip(chunk.id_list(), map(pickle.loads, chunk.pickles()), strict=True))
         if not chunks:
             if feeder.done:
                 return out

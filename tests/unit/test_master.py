@@ -137,9 +137,8 @@ class FakeWorker:
     def batches(self) -> list[Batch]:
         """The JOBS sent to this worker since the last call."""
         out = []
-        for _, seq, ids, payloads in self.h.transport.take(self.identity, protocol.JOBS):
-            id_list = list(range(ids, ids + len(payloads))) if isinstance(ids, int) else ids
-            out.append(Batch(seq, id_list, [pickle.loads(p) for p in payloads]))
+        for message in self.h.transport.take(self.identity, protocol.JOBS):
+            out.append(Batch(*protocol.decode_jobs(message)))
         return out
 
     def one_batch(self) -> Batch:
@@ -300,7 +299,7 @@ def test_contiguous_batches_travel_as_a_first_id(make: Callable[..., Harness]) -
     h.step()
     [jobs] = h.transport.take(w.identity, protocol.JOBS)
     assert jobs[2] == 0, "a contiguous batch names its first id only"
-    assert len(jobs[3]) == 5
+    assert protocol.job_count(jobs[4]) == 5 and protocol.decode_jobs(jobs)[2] == [0, 1, 2, 3, 4]
 
 
 def test_ack_counts_done_and_moves_the_watermark(make: Callable[..., Harness]) -> None:
@@ -1041,11 +1040,8 @@ class SimWorker:
     def receive(self) -> None:
         for message in self.fake.h.transport.take(self.fake.identity):
             if message[0] == protocol.JOBS:
-                _, seq, ids, payloads = message
-                id_list = list(range(ids, ids + len(payloads))) if isinstance(ids, int) else ids
-                self.queue.extend(
-                    (seq, i, pickle.loads(p)) for i, p in zip(id_list, payloads, strict=True)
-                )
+                seq, id_list, jobs = protocol.decode_jobs(message)
+                self.queue.extend((seq, i, job) for i, job in zip(id_list, jobs, strict=True))
             elif message[0] == protocol.REHELLO:
                 self.queue.clear()
                 self.fake.hello(credit=self.window)

@@ -66,12 +66,14 @@ def test_master_messages_round_trip() -> None:
         config,
     ]
     assert unpack(protocol.refuse("no")) == [protocol.REFUSE, "no"]
-    assert unpack(protocol.jobs(5, 10, [b"a", b"b"])) == [protocol.JOBS, 5, 10, [b"a", b"b"]]
+    assert unpack(protocol.jobs(5, 10, [b"a", b"b"])) == [protocol.JOBS, 5, 10, [b"a", b"b"], 2]
+    assert unpack(protocol.jobs(7, 10, b"packed", 3)) == [protocol.JOBS, 7, 10, b"packed", 3]
     assert unpack(protocol.jobs(6, [3, 9], [b"x", b"y"])) == [
         protocol.JOBS,
         6,
         [3, 9],
         [b"x", b"y"],
+        2,
     ]
     assert unpack(protocol.ping(77)) == [protocol.PING, 77]
     assert unpack(protocol.END_FRAME) == [protocol.END]

@@ -314,9 +314,7 @@ def test_a_master_restart_delivers_each_job_once(tmp_path: Path) -> None:
             master.step(clock())
             for _, message in master_side.sent:
                 if message[0] == protocol.JOBS:
-                    _, _, ids, payloads = message
-                    id_list = range(ids, ids + len(payloads)) if isinstance(ids, int) else ids
-                    for job_id in id_list:
+                    for job_id in protocol.decode_jobs(message)[1]:
                         deliveries[job_id] = deliveries.get(job_id, 0) + 1
                 session.handle(protocol.pack(message), clock())
             master_side.sent.clear()
