@@ -26,6 +26,8 @@ MAX_CHUNK = 4096
 # reach workers promptly.
 CHUNK_FLUSH_S = 0.005
 REPLAY_STEP = 100_000
+# Packed chunks stop growing past this size, so big jobs travel in small messages.
+CHUNK_BYTES = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -102,8 +104,12 @@ class Chunk:
         return self.ids[i], payloads[i]
 
     def split(self, n: int) -> Chunk:
-        """Cut off and return the first ``n`` jobs (a packed chunk stays packed)."""
-        if self.blobs is not None and self.ids is None:
+        """Cut off and return the first ``n`` jobs.
+
+        Halves of a packed chunk are re-packed; a small piece unpacks the chunk into
+        per-job pickles once, so taking it job by job later costs a slice each.
+        """
+        if self.blobs is not None and self.ids is None and 2 * n >= self.count:
             jobs = [job for blob in self.blobs for job in pickle.loads(blob)]
             head = Chunk(
                 self.first_id,
@@ -323,12 +329,13 @@ class Feeder(threading.Thread):
             if not items:
                 return
             elapsed = time.perf_counter() - started
-            # Grow chunks while the generator is fast, shrink them when it is slow.
-            if elapsed < CHUNK_FLUSH_S:
-                want = min(want * 2, MAX_CHUNK)
-            elif elapsed > 10 * CHUNK_FLUSH_S:
+            packed_bytes = self._put(items)
+            # Grow chunks while the generator is fast and jobs are small; shrink them when
+            # it is slow, or when a chunk weighs more than a message should.
+            if packed_bytes > CHUNK_BYTES or elapsed > 10 * CHUNK_FLUSH_S:
                 want = max(1, want // 2)
-            self._put(items)
+            elif elapsed < CHUNK_FLUSH_S:
+                want = min(want * 2, MAX_CHUNK)
 
     def _replay(self, jobs: Iterator[object]) -> None:
         """Consume the already-done prefix without pickling or sending it."""
@@ -364,7 +371,8 @@ class Feeder(threading.Thread):
         )
         self.replaying = False
 
-    def _put(self, items: list[object]) -> None:
+    def _put(self, items: list[object]) -> int:
+        """Number, pickle and buffer ``items``; return the packed size (0 if not packed)."""
         first_id = self._next_id
         self._next_id += len(items)
         self.stats.produced += len(items)
@@ -379,7 +387,7 @@ class Feeder(threading.Thread):
                 if first_id == 0:
                     self.first_payload = head
                 self._push(Chunk(first_id, None, blobs=[blob], blob_counts=[len(items)], head=head))
-                return
+                return len(blob)
         try:
             payloads = [pickle.dumps(job, PICKLE_PROTOCOL) for job in items]
         except Exception:
@@ -387,6 +395,7 @@ class Feeder(threading.Thread):
         if len(payloads) == len(items) and first_id == 0:
             self.first_payload = payloads[0]
         self._put_slowly(first_id, items, payloads)
+        return 0
 
     def _any_skipped(self, first_id: int, n: int) -> bool:
         if first_id >= self._skip_until:
