@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,8 @@ from .launch import (
 from .ledger import LedgerView
 from .master import MasterConfig
 from .targets import Target, master_callables, parse_target, worker_callables
+
+_KWARG = re.compile(r"^[A-Za-z_]\w*=")
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -459,7 +462,12 @@ def _configure_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "tm") -> NoReturn:
     """Entry point of ``tm``; ``tm-<sub>`` calls it with the subcommand filled in."""
     parser = _build_parser(prog)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `tm-run tasks.py 4 --threads 8 n=100`: key=value after options still counts as kwargs.
+    if extra and hasattr(args, "kwargs") and all(_KWARG.match(item) for item in extra):
+        args.kwargs = [*args.kwargs, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _configure_logging(getattr(args, "log_level", "warning"))
     name = f"tm {args.command}"
     try:
