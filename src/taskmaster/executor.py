@@ -133,15 +133,27 @@ class Results:
     watchdog; the serial executor publishes ``current_id`` instead, which costs less per job.
     """
 
-    def __init__(self, wake: Callable[[], None]) -> None:
+    def __init__(self, wake: Callable[[], None], black_box: memoryview | None = None) -> None:
         self.ok: collections.deque[tuple[int, int, int]] = collections.deque()
         self.failed: collections.deque[tuple[int, int, str, str, str]] = collections.deque()
         self.finished = 0  # jobs finished, ok or not (read by the I/O thread for credit)
         self.busy_s = 0.0  # the sum of the finished jobs' durations
         self.running: dict[int, tuple[float, int]] = {}  # concurrent executors
-        self.current_id = -1  # the serial executor's running job, -1 when idle
-        self.current_seq = 0
+        # The serial executor's running job (-1 when idle) and its batch seq, in the
+        # supervisor's shared black box when there is one (see supervisor.py).
+        if black_box is None:
+            black_box = memoryview(bytearray(32)).cast("q")
+            black_box[0] = -1
+        self.black_box = black_box
         self._wake = wake
+
+    @property
+    def current_id(self) -> int:
+        return int(self.black_box[0])
+
+    @property
+    def current_seq(self) -> int:
+        return int(self.black_box[1])
 
     def post(self) -> None:
         self._wake()
@@ -150,8 +162,8 @@ class Results:
 class SerialExecutor:
     """One job at a time on the calling (main) thread: the fastest path for CPU-bound jobs.
 
-    Per job it only publishes the job id (``results.current_id``); the I/O thread times how
-    long an id stays there, so the hot loop pays no clock call per job.
+    Per job it only publishes the job id (``results.black_box[0]``); the I/O thread times
+    how long an id stays there, so the hot loop pays no clock call per job.
     """
 
     slots = 1
@@ -162,6 +174,7 @@ class SerialExecutor:
     def run(self, queue: JobQueue, results: Results) -> None:
         handle = self.handle_job
         loads = _loads
+        box = results.black_box
         while True:
             batch = queue.get()
             if batch is None:
@@ -172,15 +185,15 @@ class SerialExecutor:
             items, packed = unpacked
             seq = batch.seq
             id_seq = batch.id_seq()
-            results.current_seq = seq
+            box[1] = seq
             started = last_post = _monotonic()
             run_start = 0  # offset where the current run of successes began
             for offset, (job_id, item) in enumerate(zip(id_seq, items, strict=True)):
-                results.current_id = job_id
+                box[0] = job_id
                 try:
                     handle(item if packed else loads(item))
                 except JOB_ERRORS as exc:
-                    results.current_id = -1
+                    box[0] = -1
                     self._flush_run(results, seq, id_seq, run_start, offset)
                     results.failed.append((seq, job_id, *describe_exception(exc)))
                     results.finished += 1
@@ -194,7 +207,7 @@ class SerialExecutor:
                     results.busy_s += now - started
                     started = last_post = now
                     results.post()
-            results.current_id = -1
+            box[0] = -1
             self._flush_run(results, seq, id_seq, run_start, batch.count)
             results.busy_s += _monotonic() - started
             results.post()

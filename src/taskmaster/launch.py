@@ -25,7 +25,7 @@ from .ledger import CompletedSet, Ledger
 from .master import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Master, MasterConfig
 from .progress import Reporter, Summary, make_reporter
 from .protocol import PROTOCOL_VERSION
-from .supervisor import Supervisor
+from .supervisor import Supervisor, child_slot
 from .targets import accepts_last
 
 logger = logging.getLogger(__name__)
@@ -310,10 +310,14 @@ def run_worker(options: WorkerOptions) -> int:
     security.check_libzmq()
     address = security.normalize_address(options.address)
     secret = options.secret or security.worker_secret(address, options.secret_file)
+    slot = child_slot()  # set when a Supervisor forked this process
+    died = slot.last_words if slot is not None else None
     worker = Worker(
         address, security.derive_keys(secret), options.handle_job,
         init_worker=options.init_worker, wait_s=options.wait_s,
         threads=options.threads, concurrency=options.concurrency,
+        black_box=slot.black_box if slot is not None else None,
+        predecessor_died=(died.identity, died.job_id, died.seq) if died else None,
     )  # fmt: skip
     return worker.run()
 

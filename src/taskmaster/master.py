@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import protocol
-from .errors import ProtocolError
 from .feeder import Chunk, Feeder, safe_repr
 from .ledger import Checkpoint, CompletedSet, Ledger
 from .progress import NullReporter, Reporter, Snapshot, StalledJob, Summary, WorkerRow
@@ -161,6 +160,7 @@ class Master:
         self.suspects: collections.deque[Chunk] = collections.deque()
         self.delayed: list[tuple[float, int, bytes]] = []
         self.attempts: dict[int, int] = {}
+        self._charged: dict[bytes, int] = {}  # dead worker → the job its death was charged to
         # --retry-failed: ids whose earlier failure is being retried, with its attempt count.
         self.retrying: dict[int, int] | None = retry_attempts
         base = ledger.checkpoint_row
@@ -246,7 +246,7 @@ class Master:
     def handle_frame(self, identity: bytes, frame: bytes, now: float) -> None:
         try:
             message = protocol.decode_from_worker(frame)
-        except ProtocolError as exc:
+        except Exception as exc:  # ProtocolError, and anything a hostile frame may provoke
             self.dropped_frames += 1
             if self.dropped_frames <= 10 or self.dropped_frames % 1000 == 0:
                 logger.warning(
@@ -296,6 +296,8 @@ class Master:
         if old is not None:
             # The worker restarted its session (it lost us for a while): its old leases are void.
             self._drop_worker(old, now, lost=False)
+        if hello.died is not None:
+            self._last_words(*hello.died, now=now)
         worker = WorkerState(identity, hello.host, hello.pid, hello.slots, hello.credit, now, now)
         worker.rate_mark = (now, 0)
         self.workers[identity] = worker
@@ -569,7 +571,58 @@ class Master:
                 self._probe_again = False
                 self._probe(now)
 
-    def _drop_worker(self, worker: WorkerState, now: float, *, lost: bool) -> None:
+    def _last_words(self, identity: bytes, job_id: int, seq: int, *, now: float) -> None:
+        """A new worker says its predecessor died running ``job_id``: drop the dead one now
+        (if we still think it alive) and charge exactly that job an attempt."""
+        dead = self.workers.get(identity)
+        if dead is not None:
+            logger.warning("lost worker=%s: it died running job=%d", dead.name, job_id)
+            self._drop_worker(dead, now, lost=True, culprit=job_id)
+        elif self._charged.get(identity, -1) != job_id and not self._is_resolved(job_id):
+            self._charge_attempt(job_id, "?")
+        self._charged.pop(identity, None)
+
+    def _remember_charge(self, identity: bytes, job_id: int) -> None:
+        """Note that a dead worker's death was charged to ``job_id`` already, so its
+        successor's last words do not charge it twice."""
+        self._charged[identity] = job_id
+        while len(self._charged) > 1024:
+            self._charged.pop(next(iter(self._charged)))
+
+    def _charge_attempt(self, job_id: int, worker: str) -> None:
+        """A death found out after its jobs were requeued: charge the one that caused it."""
+        attempts = self.attempts.get(job_id, 0) + 1
+        self.attempts[job_id] = attempts
+        if attempts < self.config.max_attempts:
+            return
+        payload = self._take_back(job_id)
+        if payload is not None:
+            message = f"its worker died each of the {attempts} times it ran"
+            self._record_failure(job_id, payload, attempts, "WorkerLost", message, "", worker)
+
+    def _take_back(self, job_id: int) -> bytes | None:
+        """Remove a waiting job from the suspect and requeue lines; return its payload."""
+        for line in (self.suspects, self.requeue):
+            for chunk in line:
+                ids = chunk.id_list()
+                if job_id in ids:
+                    payloads = chunk.pickles()
+                    i = ids.index(job_id)
+                    payload = payloads.pop(i)
+                    if chunk.ids is None:
+                        chunk.ids = ids
+                    chunk.ids.pop(i)
+                    chunk.count -= 1
+                    if not chunk.ids:
+                        line.remove(chunk)
+                    else:
+                        chunk.first_id = chunk.ids[0]
+                    return payload
+        return None
+
+    def _drop_worker(
+        self, worker: WorkerState, now: float, *, lost: bool, culprit: int | None = None
+    ) -> None:
         self.workers.pop(worker.identity, None)
         requeued = 0
         timed_out = self._timed_out_job(worker, now) if lost else None
@@ -578,7 +631,7 @@ class Master:
             if lease is None:
                 continue
             self.in_flight -= lease.remaining
-            requeued += self._requeue_lease(lease, worker, lost, timed_out)
+            requeued += self._requeue_lease(lease, worker, lost, timed_out, culprit)
         worker.leases.clear()
         if requeued:
             logger.info("lost worker=%s requeued=%d", worker.name, requeued)
@@ -591,7 +644,12 @@ class Master:
         return worker.running_job if running > timeout else None
 
     def _requeue_lease(
-        self, lease: Lease, worker: WorkerState, lost: bool, timed_out: int | None
+        self,
+        lease: Lease,
+        worker: WorkerState,
+        lost: bool,
+        timed_out: int | None,
+        culprit: int | None = None,
     ) -> int:
         chunk = lease.chunk
         pending = [
@@ -610,10 +668,27 @@ class Master:
             pending = [(i, p) for i, p in pending if i != timed_out]
         if not pending:
             return 0
-        if not lost:
+        if culprit is not None:
+            # We know which job killed the worker: charge it; the others are innocent.
+            guilty = [(i, p) for i, p in pending if i == culprit]
+            innocent = [(i, p) for i, p in pending if i != culprit]
+            for job_id, payload in guilty:
+                attempts = self.attempts.get(job_id, 0) + 1
+                if attempts >= self.config.max_attempts:
+                    message = f"its worker died each of the {attempts} times it ran"
+                    self._record_failure(
+                        job_id, payload, attempts, "WorkerLost", message, "", worker.name
+                    )
+                else:
+                    self.attempts[job_id] = attempts
+                    self.suspects.append(_chunk_of([(job_id, payload)]))
+            if innocent:
+                self.requeue.appendleft(_chunk_of(innocent))
+        elif not lost:
             self.requeue.appendleft(_chunk_of(pending))
         elif len(pending) == 1 and lease.suspect and self._alive_at(worker, lease.sent_at):
             job_id, payload = pending[0]
+            self._remember_charge(worker.identity, job_id)
             attempts = self.attempts.get(job_id, 0) + 1
             if attempts >= self.config.max_attempts:
                 message = f"its worker died each of the {attempts} times it ran alone"

@@ -7,7 +7,8 @@ message against the small fixed schema below before using it (see :func:`decode_
 
 Worker → master::
 
-    HELLO      [1, version, {"host": str, "pid": int, "slots": int}, credit]
+    HELLO      [1, version, {"host": str, "pid": int, "slots": int, "died"?: [id, job, seq]},
+                credit]                                    died: the predecessor's last job
     ACK        [2, credit, acks, failures]
                  acks:     [[seq, first_id, count], …]    jobs first_id … first_id+count-1 done
                  failures: [[seq, job_id, error, message, traceback], …]
@@ -91,6 +92,8 @@ class Hello:
     pid: int
     slots: int
     credit: int
+    # The worker this one replaces died running a job: (its identity, job id, batch seq).
+    died: tuple[bytes, int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,9 +118,16 @@ class Bye:
 WorkerMessage = Hello | Ack | Heartbeat | Bye
 
 
+def _describe(value: Any) -> str:
+    """A short description of a hostile value: never its repr, which can recurse or be huge."""
+    if type(value) is int:
+        return str(value) if -(10**20) < value < 10**20 else "huge int"
+    return type(value).__name__
+
+
 def _int(value: Any, low: int = 0, high: int = MAX_ID) -> int:
     if type(value) is not int or not low <= value <= high:
-        raise ProtocolError(f"bad integer {value!r:.40}")
+        raise ProtocolError(f"bad integer ({_describe(value)})")
     return value
 
 
@@ -164,7 +174,7 @@ def decode_from_worker(frame: bytes) -> WorkerMessage:
         raise ProtocolError("not a message array")
     kind = msg[0]
     if type(kind) is not int:  # True == 1 and 1.0 == 1: neither is HELLO
-        raise ProtocolError(f"bad message type {kind!r:.20}")
+        raise ProtocolError(f"bad message type ({_describe(kind)})")
     try:
         if kind == ACK and len(msg) == 4:
             return _decode_ack(msg)
@@ -176,19 +186,26 @@ def decode_from_worker(frame: bytes) -> WorkerMessage:
             return Bye(_text(msg[1], MAX_TEXT))
     except (TypeError, ValueError, IndexError) as exc:
         raise ProtocolError(f"malformed message: {exc}") from None
-    raise ProtocolError(f"unknown message type {kind!r:.20}")
+    raise ProtocolError(f"unknown message type ({_describe(kind)})")
 
 
 def _decode_hello(msg: list[Any]) -> Hello:
     info = msg[2]
     if not isinstance(info, dict):
         raise ProtocolError("hello without worker info")
+    died = info.get("died")
+    if died is not None:
+        if not isinstance(died, list) or len(died) != 3:
+            raise ProtocolError("bad last words in hello")
+        identity = _int(died[0], -(2**63), MAX_ID).to_bytes(8, "big", signed=True)
+        died = (identity, _int(died[1]), _int(died[2]))
     return Hello(
         version=_int(msg[1]),
         host=_text(info.get("host", "?"), MAX_TEXT),
         pid=_int(info.get("pid", 0)),
         slots=_int(info.get("slots", 1), 1, MAX_CREDIT),
         credit=_int(msg[3], 0, MAX_CREDIT),
+        died=died,
     )
 
 
@@ -217,8 +234,15 @@ def _decode_ack(msg: list[Any]) -> Ack:
 # Encoders, one per message, so the field order lives in this module only.
 
 
-def hello(host: str, pid: int, slots: int, credit: int) -> bytes:
-    return pack([HELLO, PROTOCOL_VERSION, {"host": host, "pid": pid, "slots": slots}, credit])
+def hello(
+    host: str, pid: int, slots: int, credit: int, died: tuple[int, int, int] | None = None
+) -> bytes:
+    """``died``: (identity as int64, job id, seq) of the worker this one replaces, which
+    died running that job."""
+    info: dict[str, Any] = {"host": host, "pid": pid, "slots": slots}
+    if died is not None:
+        info["died"] = list(died)
+    return pack([HELLO, PROTOCOL_VERSION, info, credit])
 
 
 def ack(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import signal
 import sys
@@ -36,10 +37,45 @@ HEALTHY_AFTER_S = 10.0
 STOP_GRACE_S = 5.0
 
 
+BLACK_BOX_FIELDS = 4  # running job id (-1 idle), its batch seq, worker identity, spare
+
+
+def new_black_box() -> memoryview:
+    """Where a worker keeps what it is running; a private one when nobody supervises it."""
+    return memoryview(bytearray(8 * BLACK_BOX_FIELDS)).cast("q")
+
+
+@dataclass(frozen=True)
+class LastWords:
+    """What a dead worker was running, read from its black box by the supervisor."""
+
+    identity: int
+    job_id: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class ChildSlot:
+    """Handed to a forked worker: its black box and its predecessor's last words."""
+
+    index: int
+    black_box: memoryview
+    last_words: LastWords | None
+
+
+_child_slot: ChildSlot | None = None
+
+
+def child_slot() -> ChildSlot | None:
+    """In a worker forked by a Supervisor: its slot; elsewhere ``None``."""
+    return _child_slot
+
+
 @dataclass
 class Slot:
     index: int
     pid: int = 0
+    last_words: LastWords | None = None
     started: float = 0.0
     restarts: int = 0
     backoff_s: float = 0.0
@@ -73,6 +109,12 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.slots = [Slot(i) for i in range(n)]
+        # Shared with the children: each worker writes the job it runs into its own fields
+        # (one store per job), so when it dies the supervisor knows which job killed it.
+        self._black_boxes = mmap.mmap(-1, 8 * BLACK_BOX_FIELDS * max(n, 1))
+        self._boxes = memoryview(self._black_boxes).cast("q")
+        for i in range(len(self._boxes)):
+            self._boxes[i] = -1
         self.worker_main = worker_main
         self.restart = restart
         self.watch_parent = watch_parent
@@ -102,6 +144,8 @@ class Supervisor:
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_SETMASK, old)
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+                    global _child_slot
+                    _child_slot = ChildSlot(slot.index, self._box(slot.index), slot.last_words)
                     status = self.worker_main(slot.index)
                 except KeyboardInterrupt:
                     status = EXIT_INTERRUPTED
@@ -123,6 +167,10 @@ class Supervisor:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         logger.debug("started worker pid=%d slot=%d", pid, slot.index)
+
+    def _box(self, index: int) -> memoryview:
+        first = index * BLACK_BOX_FIELDS
+        return self._boxes[first : first + BLACK_BOX_FIELDS]
 
     def start(self) -> None:
         for slot in self.slots:
@@ -198,6 +246,12 @@ class Supervisor:
             return
         slot.status = status
         slot.pid = 0
+        box = self._box(slot.index)
+        slot.last_words = None
+        if status not in (0, EXIT_INTERRUPTED) and box[0] >= 0:
+            slot.last_words = LastWords(identity=box[2], job_id=box[0], seq=box[1])
+            logger.warning("worker slot=%d died running job=%d", slot.index, box[0])
+        box[0] = box[1] = box[2] = -1
         if status == 0 and not self.run_over:
             # One worker heard the master say the run is over: it is over for all of them,
             # including any that connected too late to hear it.
@@ -213,7 +267,9 @@ class Supervisor:
             logger.info("worker slot=%d left to be replaced after a job timeout", slot.index)
             slot.restart_at = now
             return
-        if lived >= HEALTHY_AFTER_S:
+        if lived >= HEALTHY_AFTER_S or slot.last_words is not None:
+            # A job killed it, not a broken start: restart at once, and the new worker
+            # tells the master which job it was.
             slot.backoff_s = 0.0
         delay = slot.backoff_s
         slot.backoff_s = min(max(slot.backoff_s * 2, BACKOFF_START_S), BACKOFF_MAX_S)

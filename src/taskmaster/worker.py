@@ -81,6 +81,9 @@ class Session(threading.Thread):
         self._contact_deadline = clock() + wait_s
         self._next_heartbeat = 0.0
         self.stop_requested = False
+        # (identity, job id, seq) of the worker this process replaces, which died running
+        # that job: said in HELLO so the master charges exactly that job.
+        self.predecessor_died: tuple[int, int, int] | None = None
         self._seen_id = -1
         self._seen_since = 0.0
 
@@ -182,6 +185,7 @@ class Session(threading.Thread):
             logger.info("reconnected to a new master (epoch %d)", epoch)
         self.epoch = epoch
         self.welcomed = True
+        self.predecessor_died = None  # told
         self.heartbeat_s = float(config.get("heartbeat_s", self.heartbeat_s))
         self.liveness_s = float(config.get("liveness_s", self.liveness_s))
         timeout = config.get("timeout_s")
@@ -202,7 +206,10 @@ class Session(threading.Thread):
         held = max(self.received - self._finished(), 0)
         credit = max(0, self.window() - held)
         self.granted = self._finished() + held + credit
-        self.transport.send(protocol.hello(socket.gethostname(), os.getpid(), self.slots, credit))
+        hello = protocol.hello(
+            socket.gethostname(), os.getpid(), self.slots, credit, self.predecessor_died
+        )
+        self.transport.send(hello)
         self._last_hello = now
 
     def _flush(self, now: float, force: bool = False) -> None:
@@ -339,8 +346,12 @@ class Worker:
         wait_s: float = 60.0,
         threads: int = 1,
         concurrency: int = 1,
+        black_box: memoryview | None = None,
+        predecessor_died: tuple[int, int, int] | None = None,
     ) -> None:
         self.address = address
+        self.black_box = black_box
+        self.predecessor_died = predecessor_died
         self.keys = keys
         self.handle_job = handle_job
         self.init_worker = init_worker
@@ -364,8 +375,10 @@ class Worker:
                 os.write(wake_w, b"x")
 
         queue = JobQueue()
-        results = Results(wake)
-        transport = WorkerTransport(self.address, self.keys, os.urandom(8))
+        results = Results(wake, self.black_box)
+        identity = os.urandom(8)
+        results.black_box[2] = int.from_bytes(identity, "big", signed=True)
+        transport = WorkerTransport(self.address, self.keys, identity)
         transport.register(wake_r)
         session = Session(
             transport,
@@ -375,6 +388,7 @@ class Worker:
             slots=executor_slots(self.executor),
             wait_s=self.wait_s,
         )
+        session.predecessor_died = self.predecessor_died
         session.start()
         try:
             self.executor.run(queue, results)

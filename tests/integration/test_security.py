@@ -458,11 +458,6 @@ def test_protocol_version_mismatch_is_refused_clearly(
     assert "old-box" in log.read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: protocol.decode_from_worker repr()s the bad value, and repr of a "
-    "~1000-deep list raises RecursionError, which master.handle_frame does not catch",
-)
 @pytest.mark.parametrize("depth", [1000, 1023])
 def test_deeply_nested_frame_is_dropped_not_fatal(
     procs: Processes, write_tasks, tmp_path: Path, logs, depth: int
