@@ -218,21 +218,19 @@ def _build_parser(prog: str = "tm") -> argparse.ArgumentParser:
     _address(p)
     _common(p)
 
-    for name in ("worker", "slave"):
-        p = sub.add_parser(
-            name, help="one worker process" if name == "worker" else argparse.SUPPRESS
-        )
-        p.add_argument("tasks", metavar="TASKS")
-        _worker_options(p)
-        _address(p)
-        _common(p)
+    # `tm slave` / `tm-slave` (the 2012 name) are rewritten to `worker` in main().
+    p = sub.add_parser("worker", help="one worker process (tm-slave is an alias)")
+    p.add_argument("tasks", metavar="TASKS")
+    _worker_options(p)
+    _address(p)
+    _common(p)
 
     for name, text in (
         ("status", "progress of a run, from its state file"),
         ("failures", "the failed jobs of a run"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("tasks", metavar="TASKS")
+        p.add_argument("tasks", metavar="TASKS", nargs="?", help="not needed with --state")
         p.add_argument("kwargs", nargs="*", metavar="key=value")
         p.add_argument("--state", metavar="PATH")
         p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -314,6 +312,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _state_for(args: argparse.Namespace) -> Path:
     if args.state:
         return Path(args.state)
+    if not args.tasks:
+        raise UsageError("name the tasks file (as given to tm-run / tm-master) or --state PATH")
     target = parse_target(args.tasks)
     return default_state_path(target.label, _kwargs(args.kwargs))
 
@@ -444,7 +444,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "master": _cmd_master,
     "spawn": _cmd_spawn,
     "worker": _cmd_worker,
-    "slave": _cmd_worker,
     "status": _cmd_status,
     "failures": _cmd_failures,
     "secret": _cmd_secret,
@@ -462,6 +461,9 @@ def _configure_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "tm") -> NoReturn:
     """Entry point of ``tm``; ``tm-<sub>`` calls it with the subcommand filled in."""
     parser = _build_parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["slave"]:
+        argv[0] = "worker"
     args, extra = parser.parse_known_args(argv)
     # `tm-run tasks.py 4 --threads 8 n=100`: key=value after options still counts as kwargs.
     if extra and hasattr(args, "kwargs") and all(_KWARG.match(item) for item in extra):

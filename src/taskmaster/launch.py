@@ -178,7 +178,10 @@ def _resume_jobs(options: MasterOptions, ledger: Ledger) -> tuple[Callable[[], I
 
 
 def serve_master(
-    options: MasterOptions, *, on_bound: Callable[[str], None] | None = None
+    options: MasterOptions,
+    *,
+    on_bound: Callable[[str], None] | None = None,
+    watchdog: Callable[[], str | None] | None = None,
 ) -> Outcome:
     """Run a master to completion (or interruption) and return its outcome."""
     security.check_libzmq()
@@ -191,7 +194,7 @@ def serve_master(
     )
     ledger = Ledger.open(state_path, _identity(options), reset=options.reset)
     try:
-        return _serve(options, ledger, keys, address, reporter, on_bound)
+        return _serve(options, ledger, keys, address, reporter, on_bound, watchdog)
     finally:
         ledger.close()
 
@@ -226,6 +229,7 @@ def _serve(
     address: str,
     reporter: Reporter,
     on_bound: Callable[[str], None] | None,
+    watchdog: Callable[[], str | None] | None = None,
 ) -> Outcome:
     from .transport import MasterTransport
 
@@ -282,6 +286,7 @@ def _serve(
         )
         if retrying is not None:
             master.display_total = len(retrying)  # the run's own total stays in the ledger
+        master.watchdog = watchdog
         master.install_signal_handlers()
         try:
             status = master.run()
@@ -375,7 +380,7 @@ def run_all(master: MasterOptions, worker: WorkerOptions, n: int) -> Outcome:
         os.close(write_fd)
 
     try:
-        outcome = serve_master(master, on_bound=on_bound)
+        outcome = serve_master(master, on_bound=on_bound, watchdog=lambda: _workers_gone(pid))
     except BaseException:
         _stop_child(pid, wait_first_s=0.0)
         raise
@@ -384,6 +389,17 @@ def run_all(master: MasterOptions, worker: WorkerOptions, n: int) -> Outcome:
     # After END the workers leave by themselves; after an interruption they are told to.
     _stop_child(pid, wait_first_s=0.0 if outcome.status == EXIT_INTERRUPTED else 1.0)
     return outcome
+
+
+def _workers_gone(pid: int) -> str | None:
+    """tm-run's check that its worker supervisor still runs (without reaping it)."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return "the workers are gone"
+    if info is None:
+        return None
+    return f"all workers exited (status {info.si_status}) before the run finished"
 
 
 def _close_quietly(fd: int) -> None:

@@ -176,6 +176,8 @@ class Master:
             started=base.started or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         self.done_at_start = base.done
+        # tm-run: says why the run cannot go on (its workers are all gone), else None.
+        self.watchdog: Callable[[], str | None] | None = None
         self.display_total: int | None = None  # --retry-failed shows the failures to retry
         self.in_flight = 0
         self.dropped_frames = 0
@@ -235,6 +237,12 @@ class Master:
         if now >= self._next_ping or (self._probe_deadline and now >= self._probe_deadline):
             self._ping(now)
             self.expire(now)
+            if self.watchdog is not None and not self.finished:
+                reason = self.watchdog()
+                if reason:
+                    logger.error("%s: stopping; run the same command again to resume", reason)
+                    self._finish(now, EXIT_FAILED, pause=True)
+                    return
         if now >= self._next_checkpoint:
             self.checkpoint(now)
         if now >= self._next_report:
@@ -757,11 +765,13 @@ class Master:
 
     def _rate(self, now: float) -> float:
         samples = self._rate_samples
-        samples.append((now, self.state.done))
+        # Failed jobs are finished too: counting them keeps the ETA honest when many fail.
+        finished = self.state.done + self.state.failed
+        samples.append((now, finished))
         while len(samples) > 2 and now - samples[0][0] > 5.0:
             samples.popleft()
         t0, d0 = samples[0]
-        return (self.state.done - d0) / (now - t0) if now > t0 else 0.0
+        return (finished - d0) / (now - t0) if now > t0 else 0.0
 
     def snapshot(self, now: float) -> Snapshot:
         rate = self._rate(now)
@@ -831,9 +841,10 @@ class Master:
             status = EXIT_FAILED if (self.state.failed or self.feeder.failure) else EXIT_OK
             self._finish(now, status)
 
-    def _finish(self, now: float, status: int) -> None:
+    def _finish(self, now: float, status: int, *, pause: bool = False) -> None:
         self.checkpoint(now)
-        frame = protocol.PAUSE_FRAME if status == EXIT_INTERRUPTED else protocol.END_FRAME
+        pause = pause or status == EXIT_INTERRUPTED
+        frame = protocol.PAUSE_FRAME if pause else protocol.END_FRAME
         for identity in list(self.workers):
             self.transport.send(identity, frame)
         self.exit_status = status

@@ -30,6 +30,10 @@ NO_RESTART = {0, 2, 3, 130}
 # A worker that left on purpose to be replaced (a job overran --timeout and cannot be
 # interrupted in place): restarted at once, without growing the crash-loop backoff.
 EXIT_REPLACE = 4
+# init_worker() raised: restarted with backoff, but a slot whose worker cannot start this
+# many times in a row gives up, so a broken setup ends the command instead of looping.
+EXIT_INIT_FAILED = 5
+MAX_START_FAILURES = 5
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 # A worker that lived this long before dying resets the crash-loop backoff.
@@ -78,6 +82,7 @@ class Slot:
     last_words: LastWords | None = None
     started: float = 0.0
     restarts: int = 0
+    start_failures: int = 0
     backoff_s: float = 0.0
     restart_at: float | None = None
     finished: bool = False
@@ -263,6 +268,15 @@ class Supervisor:
                 logger.warning("worker slot=%d exited with status %d", slot.index, status)
             return
         lived = now - slot.started
+        slot.start_failures = slot.start_failures + 1 if status == EXIT_INIT_FAILED else 0
+        if slot.start_failures >= MAX_START_FAILURES:
+            logger.error(
+                "worker slot=%d: init_worker() failed %d times in a row, giving up",
+                slot.index,
+                slot.start_failures,
+            )
+            slot.finished = True
+            return
         if status == EXIT_REPLACE:
             logger.info("worker slot=%d left to be replaced after a job timeout", slot.index)
             slot.restart_at = now
