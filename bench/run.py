@@ -544,7 +544,13 @@ def figure_io(scenario: str, contestant: str, p: Pick, picks: dict[str, Pick]) -
 
 
 def figure_resume(scenario: str, contestant: str, p: Pick, picks: dict[str, Pick]) -> Row:
-    note = f"watermark {RESUME_WATERMARK:,}, {_reps(p)}"
+    note = f"watermark {RESUME_WATERMARK:,}, with last; {_reps(p)}"
+    replays = [o.extra for o in p.ok if o.extra.get("without_last_s") is not None]
+    if replays:
+        without = statistics.median(e["without_last_s"] for e in replays)
+        rates = [e["replay_rate"] for e in replays if e.get("replay_rate")]
+        rate = f", replayed at {statistics.median(rates) / 1e6:.1f}M jobs/s" if rates else ""
+        note += f"; without last: {without:.3f} s{rate}"
     return Row(scenario, contestant, f"{p.median:.3f} s to first job", p.median, note)
 
 
