@@ -23,6 +23,9 @@ MAX_TRACEBACK_CHARS = 8000
 # Within a long batch, report finished jobs at least this often so the master's ledger and
 # progress move on, and a crash re-runs little.
 ACK_INTERVAL_S = 0.05
+# The serial executor wakes the I/O thread after a batch only when fewer jobs than this are
+# queued (or ACK_INTERVAL_S has passed).
+LOW_WATER_JOBS = 2
 
 # What a job may raise and still be a failed job rather than the end of its worker:
 # sys.exit() inside handle_job is the job's failure; Ctrl-C and SIGTERM stop the worker.
@@ -85,10 +88,12 @@ class JobQueue:
         self._batches: collections.deque[Batch] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
+        self.queued_jobs = 0  # read without the lock: an int, only a hint
 
     def put(self, batch: Batch) -> None:
         with self._cond:
             self._batches.append(batch)
+            self.queued_jobs += batch.count
             self._cond.notify()
 
     def get(self, timeout: float | None = None) -> Batch | None:
@@ -96,13 +101,18 @@ class JobQueue:
             while not self._batches and not self._closed:
                 if not self._cond.wait(timeout):
                     return None
-            return self._batches.popleft() if self._batches else None
+            if not self._batches:
+                return None
+            batch = self._batches.popleft()
+            self.queued_jobs -= batch.count
+            return batch
 
     def clear(self) -> int:
         """Drop batches not yet started; return how many jobs were dropped."""
         with self._cond:
             dropped = sum(b.count for b in self._batches)
             self._batches.clear()
+            self.queued_jobs = 0
             return dropped
 
     def close(self) -> None:
@@ -138,6 +148,7 @@ class Results:
         self.failed: collections.deque[tuple[int, int, str, str, str]] = collections.deque()
         self.finished = 0  # jobs finished, ok or not (read by the I/O thread for credit)
         self.busy_s = 0.0  # the sum of the finished jobs' durations
+        self.last_post = 0.0
         self.running: dict[int, tuple[float, int]] = {}  # concurrent executors
         # The serial executor's running job (-1 when idle) and its batch seq, in the
         # supervisor's shared black box when there is one (see supervisor.py).
@@ -155,7 +166,8 @@ class Results:
     def current_seq(self) -> int:
         return int(self.black_box[1])
 
-    def post(self) -> None:
+    def post(self, now: float | None = None) -> None:
+        self.last_post = _monotonic() if now is None else now
         self._wake()
 
 
@@ -209,8 +221,13 @@ class SerialExecutor:
                     results.post()
             box[0] = -1
             self._flush_run(results, seq, id_seq, run_start, batch.count)
-            results.busy_s += _monotonic() - started
-            results.post()
+            now = _monotonic()
+            results.busy_s += now - started
+            # Wake the I/O thread only when its news matters: the queue runs dry (the master
+            # must send more) or acks have waited long enough. Each wake-up takes the GIL
+            # from this thread for a moment, and costs the master a message.
+            if queue.queued_jobs < LOW_WATER_JOBS or now - results.last_post > ACK_INTERVAL_S:
+                results.post(now)
 
     @staticmethod
     def _flush_run(
