@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def worker_process(address: str, keys: security.Keys | None, index: int) -> None
         msg = protocol.unpack_from_master(frame)
         if msg[0] == protocol.END:
             break
-        _, seq, first_id, payloads = msg
+        seq, first_id, payloads = msg[1], msg[2], msg[3]  # one pickle per job
         for payload in payloads:
             loads(payload)
         sock.send(protocol.ack(len(payloads), [(seq, first_id, len(payloads))], []))
@@ -165,12 +166,15 @@ def measure_transport(
         MasterTransport("tcp://127.0.0.1:*", keys) if keys is not None else PlainMaster()
     )
     sock = master.socket
+    sock.rcvtimeo = 30_000  # a worker that died must not hang the benchmark
     pids = []
     for index in range(workers):
         pid = os.fork()
         if pid == 0:
             try:
                 worker_process(master.address, keys, index)
+            except BaseException:
+                traceback.print_exc()
             finally:
                 os._exit(1)
         pids.append(pid)
