@@ -336,6 +336,10 @@ class Ledger:
         self._conn = conn
         self._lock = lock
         self.fresh = fresh
+        # When this state was created: names the run, so results from a run that was
+        # --reset since are not counted in the new one.
+        row = conn.execute("SELECT value FROM meta WHERE key = 'created'").fetchone()
+        self.run_id = str(json.loads(row[0])) if row else ""
         self.checkpoint_row = _read_checkpoint(conn, path)
         row = self.checkpoint_row
         self.completed = CompletedSet(row.watermark, row.ranges or [])

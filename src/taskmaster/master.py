@@ -314,6 +314,7 @@ class Master:
             "heartbeat_s": self.config.heartbeat_s,
             "liveness_s": self.config.liveness_s,
             "timeout_s": self.config.timeout_s,
+            "run": getattr(self.ledger, "run_id", ""),
         }
         self.transport.send(identity, protocol.welcome(self.epoch, config))
         if self.stopping:

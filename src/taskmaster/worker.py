@@ -84,6 +84,9 @@ class Session(threading.Thread):
         # (identity, job id, seq) of the worker this process replaces, which died running
         # that job: said in HELLO so the master charges exactly that job.
         self.predecessor_died: tuple[int, int, int] | None = None
+        self.served_run = ""  # which run (state file) the welcoming master serves
+        self._held_acks: list[tuple[int, int, int]] = []
+        self._held_failures: list[tuple[int, int, str, str, str]] = []
         self._seen_id = -1
         self._seen_since = 0.0
 
@@ -186,6 +189,18 @@ class Session(threading.Thread):
         self.epoch = epoch
         self.welcomed = True
         self.predecessor_died = None  # told
+        run = str(config.get("run", ""))
+        held_acks, held_failures = self._held_acks, self._held_failures
+        self._held_acks, self._held_failures = [], []
+        if held_acks or held_failures:
+            if run == self.served_run:
+                # A restarted master of the same run: these jobs are done (or failed) there.
+                self._send_acks(0, _merge(held_acks), held_failures)
+            else:
+                logger.info(
+                    "dropped %d results of another run", len(held_acks) + len(held_failures)
+                )
+        self.served_run = run
         self.heartbeat_s = float(config.get("heartbeat_s", self.heartbeat_s))
         self.liveness_s = float(config.get("liveness_s", self.liveness_s))
         timeout = config.get("timeout_s")
@@ -224,9 +239,9 @@ class Session(threading.Thread):
             failures.append(failed.popleft())
         self._measure()
         if not self.welcomed:
-            if acks or failures:
-                # The old master is gone; tell whoever listens (the ledger keeps the truth).
-                self._send_acks(0, acks, failures)
+            # No master now: keep the results for the next one, if it serves the same run.
+            self._held_acks.extend(acks)
+            self._held_failures.extend(failures)
             return
         credit = self._grant()
         if acks or failures or credit:

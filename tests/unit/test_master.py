@@ -249,7 +249,12 @@ def test_hello_is_welcomed_with_the_config(make: Callable[..., Harness]) -> None
             protocol.WELCOME,
             protocol.PROTOCOL_VERSION,
             h.master.epoch,
-            {"heartbeat_s": 0.25, "liveness_s": 2.0, "timeout_s": 9.0},
+            {
+                "heartbeat_s": 0.25,
+                "liveness_s": 2.0,
+                "timeout_s": 9.0,
+                "run": h.ledger.run_id,
+            },
         ]
     ]
     assert w.batches() == []  # no credit, no jobs

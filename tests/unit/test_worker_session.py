@@ -384,13 +384,26 @@ def test_flush_sends_merged_acks_failures_and_credit() -> None:
     assert transport.take() == [], "nothing new: no message"
 
 
-def test_results_without_a_master_still_go_out_with_no_credit() -> None:
+def test_results_without_a_master_wait_for_a_master_of_the_same_run() -> None:
     session, transport = make_session()
     session.results.ok.append((5, 0, 1))
     session.results.finished = 1
     session._flush(session.clock())
+    assert transport.take(protocol.Ack) == [], "nobody to tell yet"
+    welcome(session, config={**CONFIG, "run": ""})
     [ack] = transport.take(protocol.Ack)
     assert ack.acks == [(5, 0, 1)] and ack.credit == 0
+
+
+def test_results_of_another_run_are_dropped() -> None:
+    session, transport = make_session()
+    welcome(session, config={**CONFIG, "run": "2026-01-01T00:00:00"})
+    session.handle(protocol.PAUSE_FRAME, session.clock())
+    session.results.ok.append((5, 0, 1))
+    session.results.finished = 1
+    session._flush(session.clock())
+    welcome(session, config={**CONFIG, "run": "2026-02-02T00:00:00"})  # after a --reset
+    assert all(not ack.acks for ack in transport.take(protocol.Ack))
 
 
 def test_silence_from_the_master_means_hello_again_then_give_up() -> None:
