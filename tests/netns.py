@@ -7,6 +7,7 @@ concurrent test runs never meet, and everything is deleted by name in :meth:`Hos
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ def _ip(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
 
 
+@functools.cache
 def unavailable() -> str | None:
     """Why namespaces cannot be made here, or None when they can."""
     if os.geteuid() != 0:
