@@ -183,14 +183,19 @@ def _address(p: argparse.ArgumentParser, default: str = security.DEFAULT_ADDRESS
 
 
 def _build_parser(prog: str = "tm") -> argparse.ArgumentParser:
+    # No abbreviations: `--secret HEX` must not be taken for `--secret-file`, which would
+    # invite a secret onto the command line, where `ps` shows it.
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog=prog,
         description="Run handle_job on every job get_jobs yields, over processes and machines.",
     )
     parser.add_argument("--version", action="version", version=f"taskmaster {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="a master and N local workers in one command")
+    p = sub.add_parser(
+        "run", allow_abbrev=False, help="a master and N local workers in one command"
+    )
     p.add_argument("tasks", metavar="TASKS")
     p.add_argument("workers", type=_positive_int, metavar="N")
     p.add_argument("kwargs", nargs="*", metavar="key=value")
@@ -204,14 +209,16 @@ def _build_parser(prog: str = "tm") -> argparse.ArgumentParser:
         help="bind here instead of a free loopback port",
     )
 
-    p = sub.add_parser("master", help="the controller alone")
+    p = sub.add_parser("master", allow_abbrev=False, help="the controller alone")
     p.add_argument("tasks", metavar="TASKS")
     p.add_argument("kwargs", nargs="*", metavar="key=value")
     _master_options(p)
     _address(p)
     _common(p)
 
-    p = sub.add_parser("spawn", help="N worker processes, restarted if one dies")
+    p = sub.add_parser(
+        "spawn", allow_abbrev=False, help="N worker processes, restarted if one dies"
+    )
     p.add_argument("tasks", metavar="TASKS")
     p.add_argument("workers", type=_positive_int, metavar="N")
     _worker_options(p)
@@ -219,7 +226,9 @@ def _build_parser(prog: str = "tm") -> argparse.ArgumentParser:
     _common(p)
 
     # `tm slave` / `tm-slave` (the 2012 name) are rewritten to `worker` in main().
-    p = sub.add_parser("worker", help="one worker process (tm-slave is an alias)")
+    p = sub.add_parser(
+        "worker", allow_abbrev=False, help="one worker process (tm-slave is an alias)"
+    )
     p.add_argument("tasks", metavar="TASKS")
     _worker_options(p)
     _address(p)
@@ -229,7 +238,7 @@ def _build_parser(prog: str = "tm") -> argparse.ArgumentParser:
         ("status", "progress of a run, from its state file"),
         ("failures", "the failed jobs of a run"),
     ):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, allow_abbrev=False, help=text)
         p.add_argument("tasks", metavar="TASKS", nargs="?", help="not needed with --state")
         p.add_argument("kwargs", nargs="*", metavar="key=value")
         p.add_argument("--state", metavar="PATH")
@@ -247,7 +256,7 @@ def _build_parser(prog: str = "tm") -> argparse.ArgumentParser:
             "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
         )
 
-    sub.add_parser("secret", help="print a fresh random secret")
+    sub.add_parser("secret", allow_abbrev=False, help="print a fresh random secret")
     return parser
 
 

@@ -364,10 +364,16 @@ def run_all(master: MasterOptions, worker: WorkerOptions, n: int) -> Outcome:
     security.check_libzmq()
     from . import worker as _preload  # noqa: F401  imported once here, not in each child
 
-    secret = master.secret or security.generate_secret()
-    master.secret = worker.secret = secret
     if master.address == security.DEFAULT_ADDRESS:
+        # Our own free loopback port, and a fresh secret nobody else needs to know.
         master.address = "tcp://127.0.0.1:*"
+        secret = master.secret or security.generate_secret()
+    else:
+        # Listening where others can reach: remote workers need the configured secret (and a
+        # non-loopback address without one is refused, as for tm-master).
+        address = security.normalize_address(master.address)
+        secret = master.secret or security.master_secret(address, master.secret_file)
+    master.secret = worker.secret = secret
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
