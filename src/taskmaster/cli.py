@@ -276,7 +276,8 @@ def _master_opts(args: argparse.Namespace, target: Target, prog: str) -> MasterO
     )
     return MasterOptions(
         get_jobs=callables.get_jobs, count_jobs=callables.count_jobs, kwargs=kwargs,
-        label=target.label, state_path=Path(args.state) if args.state else None,
+        label=target.label, source=target.source,
+        state_path=Path(args.state) if args.state else None,
         address=args.address, secret_file=args.secret_file, config=config, reset=args.reset,
         retry_failed=args.retry_failed, progress="none" if args.no_progress else args.progress,
         workers_table=args.workers_table, failures_hint=hint,

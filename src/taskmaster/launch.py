@@ -48,6 +48,7 @@ class MasterOptions:
     count_jobs: Callable[..., Any] | None = None
     kwargs: dict[str, str] = field(default_factory=dict)
     label: str = "tasks"
+    source: str = ""  # the tasks file's absolute path, or the module's name
     state_path: Path | None = None
     address: str = security.DEFAULT_ADDRESS
     secret: str | None = None
@@ -82,7 +83,10 @@ class Outcome:
 
 
 def _identity(options: MasterOptions) -> dict[str, Any]:
-    return {"target": options.label, "kwargs": options.kwargs, "protocol": PROTOCOL_VERSION}
+    identity = {"target": options.label, "kwargs": options.kwargs, "protocol": PROTOCOL_VERSION}
+    if options.source:
+        identity["source"] = options.source
+    return identity
 
 
 def _total(options: MasterOptions) -> int | None:

@@ -432,6 +432,14 @@ class Ledger:
                 f"{path} belongs to a run with other arguments ({stored.get('kwargs')}); "
                 "use another --state or --reset"
             )
+        # Two tasks files with one name (a/tasks.py, b/tasks.py) share a default state name:
+        # never resume one run as the other.
+        source, stored_source = identity.get("source"), stored.get("source")
+        if source and stored_source and source != stored_source:
+            raise LedgerError(
+                f"{path} belongs to the run of {stored_source}, not {source}; "
+                "use --state PATH for a separate run, or --reset"
+            )
 
     # -- the master's updates (in memory until checkpoint) -------------------------------
 

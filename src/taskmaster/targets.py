@@ -36,6 +36,12 @@ class Target:
     is_path: bool
 
     @property
+    def source(self) -> str:
+        """What the run is of: the tasks file's absolute path, or the module's name."""
+        base = os.path.abspath(self.module_ref) if self.is_path else self.module_ref
+        return base + (f":{self.function}" if self.function else "")
+
+    @property
     def label(self) -> str:
         """A short name for file names and messages: ``tasks`` for ``jobs/tasks.py``."""
         base = Path(self.module_ref).stem if self.is_path else self.module_ref
