@@ -588,7 +588,7 @@ class Master:
             logger.warning("lost worker=%s: it died running job=%d", dead.name, job_id)
             self._drop_worker(dead, now, lost=True, culprit=job_id)
         elif self._charged.get(identity, -1) != job_id and not self._is_resolved(job_id):
-            self._charge_attempt(job_id, "?")
+            self._blame(job_id, None, "?")
         self._charged.pop(identity, None)
 
     def _remember_charge(self, identity: bytes, job_id: int) -> None:
@@ -598,16 +598,22 @@ class Master:
         while len(self._charged) > 1024:
             self._charged.pop(next(iter(self._charged)))
 
-    def _charge_attempt(self, job_id: int, worker: str) -> None:
-        """A death found out after its jobs were requeued: charge the one that caused it."""
+    def _blame(self, job_id: int, payload: bytes | None, worker: str) -> None:
+        """Charge ``job_id`` one death of its worker: once that makes ``--max-attempts`` it
+        is failed (``WorkerLost``); else it waits as a suspect. ``payload`` None: the death
+        was learnt late and the job already waits somewhere (or is out on a worker again)."""
         attempts = self.attempts.get(job_id, 0) + 1
         self.attempts[job_id] = attempts
         if attempts < self.config.max_attempts:
+            if payload is not None:
+                self.suspects.append(_chunk_of([(job_id, payload)]))
             return
-        payload = self._take_back(job_id)
-        if payload is not None:
-            message = f"its worker died each of the {attempts} times it ran"
-            self._record_failure(job_id, payload, attempts, "WorkerLost", message, "", worker)
+        if payload is None:
+            payload = self._take_back(job_id)
+            if payload is None:
+                return  # out on a worker again: its next death fails it
+        message = f"its worker died each of the {attempts} times it ran"
+        self._record_failure(job_id, payload, attempts, "WorkerLost", message, "", worker)
 
     def _take_back(self, job_id: int) -> bytes | None:
         """Remove a waiting job from the suspect and requeue lines; return its payload."""
@@ -682,15 +688,7 @@ class Master:
             guilty = [(i, p) for i, p in pending if i == culprit]
             innocent = [(i, p) for i, p in pending if i != culprit]
             for job_id, payload in guilty:
-                attempts = self.attempts.get(job_id, 0) + 1
-                if attempts >= self.config.max_attempts:
-                    message = f"its worker died each of the {attempts} times it ran"
-                    self._record_failure(
-                        job_id, payload, attempts, "WorkerLost", message, "", worker.name
-                    )
-                else:
-                    self.attempts[job_id] = attempts
-                    self.suspects.append(_chunk_of([(job_id, payload)]))
+                self._blame(job_id, payload, worker.name)
             if innocent:
                 self.requeue.appendleft(_chunk_of(innocent))
         elif not lost:
@@ -698,15 +696,7 @@ class Master:
         elif len(pending) == 1 and lease.suspect and self._alive_at(worker, lease.sent_at):
             job_id, payload = pending[0]
             self._remember_charge(worker.identity, job_id)
-            attempts = self.attempts.get(job_id, 0) + 1
-            if attempts >= self.config.max_attempts:
-                message = f"its worker died each of the {attempts} times it ran alone"
-                self._record_failure(
-                    job_id, payload, attempts, "WorkerLost", message, "", worker.name
-                )
-            else:
-                self.attempts[job_id] = attempts
-                self.suspects.append(_chunk_of(pending))
+            self._blame(job_id, payload, worker.name)
         elif len(pending) <= SUSPECT_SINGLES or lease.suspect and len(pending) <= 2:
             self.suspects.extend(_chunk_of([job]) for job in pending)
         elif lease.suspect:
