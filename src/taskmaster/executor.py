@@ -12,7 +12,7 @@ import pickle
 import threading
 import time
 import traceback as tb_module
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +56,17 @@ class Batch:
     def id_seq(self) -> range | list[int]:
         ids = self.ids
         return range(ids, ids + self.count) if isinstance(ids, int) else ids
+
+
+def batches(queue: JobQueue, results: Results) -> Iterator[tuple[Batch, list[Any], bool]]:
+    """Each batch from ``queue`` until it closes, with its items (see :func:`unpack`)."""
+    while True:
+        batch = queue.get()
+        if batch is None:
+            return
+        unpacked = unpack(batch, results)
+        if unpacked is not None:
+            yield batch, *unpacked
 
 
 def unpack(batch: Batch, results: Results) -> tuple[list[Any], bool] | None:
@@ -187,14 +198,7 @@ class SerialExecutor:
         handle = self.handle_job
         loads = _loads
         box = results.black_box
-        while True:
-            batch = queue.get()
-            if batch is None:
-                return
-            unpacked = unpack(batch, results)
-            if unpacked is None:
-                continue
-            items, packed = unpacked
+        for batch, items, packed in batches(queue, results):
             seq = batch.seq
             id_seq = batch.id_seq()
             box[1] = seq
@@ -278,14 +282,7 @@ class ThreadExecutor(_Concurrent):
 
         slots = threading.BoundedSemaphore(self.slots)
         with ThreadPoolExecutor(self.slots, thread_name_prefix="taskmaster-job") as pool:
-            while True:
-                batch = queue.get()
-                if batch is None:
-                    return
-                unpacked = unpack(batch, results)
-                if unpacked is None:
-                    continue
-                items, packed = unpacked
+            for batch, items, packed in batches(queue, results):
                 for job_id, item in zip(batch.id_seq(), items, strict=True):
                     slots.acquire()
                     pool.submit(self._one, results, slots, batch.seq, job_id, item, packed)
