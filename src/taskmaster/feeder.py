@@ -28,6 +28,8 @@ CHUNK_FLUSH_S = 0.005
 REPLAY_STEP = 100_000
 # Packed chunks stop growing past this size, so big jobs travel in small messages.
 CHUNK_BYTES = 1024 * 1024
+# A packed chunk up to this size is always split by re-packing.
+REPACK_BYTES = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -106,10 +108,15 @@ class Chunk:
     def split(self, n: int) -> Chunk:
         """Cut off and return the first ``n`` jobs.
 
-        Halves of a packed chunk are re-packed; a small piece unpacks the chunk into
-        per-job pickles once, so taking it job by job later costs a slice each.
+        A packed chunk is re-packed in two (cheap for small jobs); only a big one that is
+        taken in small pieces is unpacked into per-job pickles, once, so that taking it job
+        by job later costs a slice each rather than a re-pack of the rest.
         """
-        if self.blobs is not None and self.ids is None and 2 * n >= self.count:
+        if (
+            self.blobs is not None
+            and self.ids is None
+            and (2 * n >= self.count or sum(map(len, self.blobs)) <= REPACK_BYTES)
+        ):
             jobs = [job for blob in self.blobs for job in pickle.loads(blob)]
             head = Chunk(
                 self.first_id,
