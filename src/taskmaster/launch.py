@@ -12,7 +12,6 @@ import logging
 import os
 import pickle
 import signal
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,10 +300,11 @@ def _serve(
         last = master.snapshot(master.clock())
         reporter.finish(summary, last)
         if feeder.failure is not None:
-            print(
-                f"get_jobs raised at job {feeder.failure.job_id}: the jobs before it are done; "
-                "run the same command again to resume there\n" + feeder.failure.traceback,
-                file=sys.stderr,
+            logger.error(
+                "get_jobs raised at job %d: the jobs before it are done; run the same command "
+                "again to resume there\n%s",
+                feeder.failure.job_id,
+                feeder.failure.traceback,
             )
             status = status if status == EXIT_INTERRUPTED else EXIT_FAILED
         return Outcome(status, summary)
