@@ -17,6 +17,16 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
+class FakeClock:
+    """A clock tests move by hand: ``clock.now += 1.5``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -31,21 +31,13 @@ from taskmaster.master import (
     Master,
     MasterConfig,
 )
-from tests.conftest import wait_until
+from tests.conftest import FakeClock, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
 # More seeds for a bug hunt: TM_SIM_SEEDS=2000 pytest tests/unit/test_master.py -k simulation
 SIM_SEEDS = int(os.environ.get("TM_SIM_SEEDS", "12"))
 IDENTITY = {"target": "unit", "kwargs": {}, "protocol": protocol.PROTOCOL_VERSION}
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeTransport:

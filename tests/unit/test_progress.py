@@ -25,6 +25,7 @@ from taskmaster.progress import (
     format_summary,
     make_reporter,
 )
+from tests.conftest import FakeClock
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -59,14 +60,6 @@ SUMMARY = Summary(
     failures_hint="tm failures tasks.py",
     interrupted=False,
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class TtyStringIO(io.StringIO):
@@ -133,7 +126,7 @@ def test_eta() -> None:
 
 
 def test_log_reporter_writes_one_line_per_interval() -> None:
-    out, clock = io.StringIO(), FakeClock()
+    out, clock = io.StringIO(), FakeClock(100.0)
     reporter = LogReporter(out, interval_s=5.0, clock=clock)
     reporter.start()
     clock.now += 1
@@ -157,7 +150,7 @@ def test_log_reporter_writes_one_line_per_interval() -> None:
 
 
 def test_log_reporter_without_start_waits_an_interval_from_first_update() -> None:
-    out, clock = io.StringIO(), FakeClock()
+    out, clock = io.StringIO(), FakeClock(100.0)
     reporter = LogReporter(out, interval_s=5.0, clock=clock)
     reporter.update(SNAP)
     assert out.getvalue() == ""

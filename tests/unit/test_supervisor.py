@@ -26,17 +26,9 @@ from taskmaster.supervisor import (
     HEALTHY_AFTER_S,
     Supervisor,
 )
-from tests.conftest import wait_until
+from tests.conftest import FakeClock, wait_until
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def mark(path: Path, text: str = "") -> None:

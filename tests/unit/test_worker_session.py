@@ -26,16 +26,9 @@ from taskmaster.executor import (
     make_executor,
 )
 from taskmaster.worker import EXIT_GAVE_UP, EXIT_OK, HELLO_RETRY_S, MAX_WINDOW, Session, _merge
+from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeWorkerTransport:
