@@ -39,6 +39,8 @@ STALL_MIN_S = 3.0
 STALL_FACTOR = 10.0
 # A group of suspect jobs this small is split into single jobs rather than halves.
 SUSPECT_SINGLES = 8
+# Failures logged as warnings before the rest go to the info level (all are in the state).
+LOGGED_FAILURES = 20
 # After a connection closes, a worker that does not answer a probe within this is lost.
 PROBE_WINDOW_S = 1.0
 
@@ -160,6 +162,7 @@ class Master:
         self.suspects: collections.deque[Chunk] = collections.deque()
         self.delayed: list[tuple[float, int, bytes]] = []
         self.attempts: dict[int, int] = {}
+        self._failures_logged = 0
         self._charged: dict[bytes, int] = {}  # dead worker → the job its death was charged to
         # --retry-failed: ids whose earlier failure is being retried, with its attempt count.
         self.retrying: dict[int, int] | None = retry_attempts
@@ -463,7 +466,14 @@ class Master:
             return  # already done elsewhere (a duplicate delivery): the success stands
         else:
             self.state.failed += 1
-        logger.warning("failed job=%d attempts=%d %s: %s", job_id, attempts, error, message)
+        self._failures_logged += 1
+        # Every failure is in the state file; the log shows the first ones, not thousands.
+        if self._failures_logged <= LOGGED_FAILURES:
+            logger.warning("failed job=%d attempts=%d %s: %s", job_id, attempts, error, message)
+            if self._failures_logged == LOGGED_FAILURES:
+                logger.warning("more failures are logged at info level; all are in tm failures")
+        else:
+            logger.info("failed job=%d attempts=%d %s: %s", job_id, attempts, error, message)
         self.ledger.record_failure(
             job_id, payload, self._describe(payload), attempts, error, message, traceback, worker
         )
