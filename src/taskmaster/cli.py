@@ -35,7 +35,6 @@ from .targets import Target, master_callables, parse_target, worker_callables
 _KWARG = re.compile(r"^[A-Za-z_]\w*=")
 
 EXIT_OK = 0
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 logger = logging.getLogger("taskmaster")

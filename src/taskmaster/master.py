@@ -199,7 +199,6 @@ class Master:
         self._next_checkpoint = self.started_at + config.checkpoint_interval_s
         self._next_report = 0.0
         self._rate_samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=40)
-        self._job_time_ewma = 0.0
         self._lock = threading.Lock()
 
     # -- the loop ------------------------------------------------------------------------

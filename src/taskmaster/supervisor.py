@@ -44,11 +44,6 @@ STOP_GRACE_S = 5.0
 BLACK_BOX_FIELDS = 4  # running job id (-1 idle), its batch seq, worker identity, spare
 
 
-def new_black_box() -> memoryview:
-    """Where a worker keeps what it is running; a private one when nobody supervises it."""
-    return memoryview(bytearray(8 * BLACK_BOX_FIELDS)).cast("q")
-
-
 @dataclass(frozen=True)
 class LastWords:
     """What a dead worker was running, read from its black box by the supervisor."""

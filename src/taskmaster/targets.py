@@ -214,7 +214,3 @@ def accepts_last(get_jobs: Callable[..., Any]) -> bool:
         inspect.Parameter.VAR_POSITIONAL,
         inspect.Parameter.VAR_KEYWORD,
     )
-
-
-def is_async(func: Callable[..., Any]) -> bool:
-    return inspect.iscoroutinefunction(func)

@@ -13,7 +13,6 @@ from taskmaster import targets
 from taskmaster.errors import TargetError, UsageError
 from taskmaster.targets import (
     accepts_last,
-    is_async,
     load_function,
     master_callables,
     parse_target,
@@ -346,11 +345,3 @@ class Callable_:
 )
 def test_accepts_last(func: Callable[..., object], expected: bool) -> None:
     assert accepts_last(func) is expected
-
-
-def test_is_async() -> None:
-    async def handle(job: object) -> None:
-        pass
-
-    assert is_async(handle)
-    assert not is_async(no_last)
