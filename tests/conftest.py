@@ -10,7 +10,9 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -122,6 +124,19 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
         yield p
     finally:
         p.cleanup()
+
+
+@pytest.fixture
+def no_secret_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No TM_SECRET from the developer's shell leaks into the processes a test starts."""
+    monkeypatch.delenv("TM_SECRET", raising=False)
+
+
+@pytest.fixture
+def logs(tmp_path: Path) -> Iterator[Callable[[str], IO[bytes]]]:
+    """``logs(name)``: a file in the test's directory to hand a process as its stderr."""
+    with ExitStack() as stack:
+        yield lambda name: stack.enter_context(open(tmp_path / name, "wb"))  # noqa: SIM115
 
 
 @pytest.fixture

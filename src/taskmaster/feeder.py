@@ -16,7 +16,7 @@ import threading
 import time
 import traceback as tb_module
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +179,7 @@ def safe_repr(obj: object, limit: int = 200) -> str:
 
 @dataclass
 class FeederStats:
-    produced: int = 0  # jobs pulled from the generator (including skipped ones)
     replayed: int = 0  # jobs skipped because they were already done
-    bad: list[BadJob] = field(default_factory=list)
 
 
 class Feeder(threading.Thread):
@@ -364,7 +362,6 @@ class Feeder(threading.Thread):
                 got = next(counted)
                 self._next_id += got
                 self.stats.replayed += got
-                self.stats.produced += got
             todo -= step
             if got < step:
                 break
@@ -382,7 +379,6 @@ class Feeder(threading.Thread):
         """Number, pickle and buffer ``items``; return the packed size (0 if not packed)."""
         first_id = self._next_id
         self._next_id += len(items)
-        self.stats.produced += len(items)
         if not self._any_skipped(first_id, len(items)):
             try:
                 blob: bytes | None = pickle.dumps(items, PICKLE_PROTOCOL)
@@ -466,7 +462,6 @@ class Feeder(threading.Thread):
             batch = list(itertools.islice(jobs, min(room, MAX_CHUNK)))
             if not batch:
                 return
-            self.stats.produced += len(batch)
             self._push(Chunk(batch[0][0], [p for _, p in batch], [i for i, _ in batch]))
 
     def _push(self, chunk: Chunk) -> None:

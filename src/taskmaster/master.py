@@ -16,7 +16,6 @@ import logging
 import pickle
 import random
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -105,7 +104,6 @@ class WorkerState:
     slots: int
     credit: int
     last_seen: float
-    connected_at: float
     leases: set[int] = field(default_factory=set)
     done: int = 0
     running_job: int = -1
@@ -199,7 +197,6 @@ class Master:
         self._next_checkpoint = self.started_at + config.checkpoint_interval_s
         self._next_report = 0.0
         self._rate_samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=40)
-        self._lock = threading.Lock()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -308,7 +305,7 @@ class Master:
             self._drop_worker(old, now, lost=False)
         if hello.died is not None:
             self._last_words(*hello.died, now=now)
-        worker = WorkerState(identity, hello.host, hello.pid, hello.slots, hello.credit, now, now)
+        worker = WorkerState(identity, hello.host, hello.pid, hello.slots, hello.credit, now)
         worker.rate_mark = (now, 0)
         self.workers[identity] = worker
         logger.info("worker joined worker=%s slots=%d", worker.name, worker.slots)

@@ -217,7 +217,7 @@ class Session(threading.Thread):
             self._send_hello(now)
 
     def _send_hello(self, now: float) -> None:
-        self._flush(now, force=True)
+        self._flush(now)
         held = max(self.received - self._finished(), 0)
         credit = max(0, self.window() - held)
         self.granted = self._finished() + held + credit
@@ -227,7 +227,7 @@ class Session(threading.Thread):
         self.transport.send(hello)
         self._last_hello = now
 
-    def _flush(self, now: float, force: bool = False) -> None:
+    def _flush(self, now: float) -> None:
         """Send finished jobs and fresh credit in one ACK."""
         results = self.results
         acks: list[tuple[int, int, int]] = []

@@ -12,10 +12,9 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
@@ -49,14 +48,8 @@ def hosts(procs: Processes) -> Iterator[Hosts]:
 
 
 @pytest.fixture(autouse=True)
-def _no_secret_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(security.SECRET_ENV, raising=False)
-
-
-@pytest.fixture
-def logs(tmp_path: Path) -> Iterator[Callable[[str], IO[bytes]]]:
-    with ExitStack() as stack:
-        yield lambda name: stack.enter_context(open(tmp_path / name, "wb"))  # noqa: SIM115
+def _no_secret_in_env(no_secret_in_env: None) -> None:
+    """These tests choose their secrets themselves."""
 
 
 @pytest.fixture

@@ -17,10 +17,9 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import msgpack
 import pytest
@@ -43,15 +42,8 @@ SEED = int(os.environ.get("TM_FUZZ_SEED", random.randrange(2**32)))
 
 
 @pytest.fixture(autouse=True)
-def _no_secret_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(security.SECRET_ENV, raising=False)
-
-
-@pytest.fixture
-def logs(tmp_path: Path) -> Iterator[Callable[[str], IO[bytes]]]:
-    """``logs(name)``: a file in the test's directory to hand a process as its stderr."""
-    with ExitStack() as stack:
-        yield lambda name: stack.enter_context(open(tmp_path / name, "wb"))  # noqa: SIM115
+def _no_secret_in_env(no_secret_in_env: None) -> None:
+    """These tests choose their secrets themselves."""
 
 
 def one_line(stderr: str) -> str:

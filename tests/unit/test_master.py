@@ -161,6 +161,13 @@ class Harness:
         self.workers.append(worker)
         return worker
 
+    def leased(self, credit: int) -> tuple[FakeWorker, Batch]:
+        """A new worker that said HELLO with ``credit`` and got its first batch."""
+        worker = self.worker()
+        worker.hello(credit=credit)
+        self.step()
+        return worker, worker.one_batch()
+
     def step(self, advance: float = 0.0) -> None:
         self.clock.now += advance
         self.master.step(self.clock.now)
@@ -268,10 +275,7 @@ def test_other_protocol_version_is_refused(make: Callable[..., Harness]) -> None
 
 def test_credit_sizes_the_batches(make: Callable[..., Harness]) -> None:
     h = make(range(20))
-    w = h.worker()
-    w.hello(credit=3)
-    h.step()
-    first = w.one_batch()
+    w, first = h.leased(credit=3)
     assert first.ids == [0, 1, 2] and first.jobs == [0, 1, 2]
     assert h.master.in_flight == 3
     h.step()
@@ -305,10 +309,7 @@ def test_contiguous_batches_travel_as_a_first_id(make: Callable[..., Harness]) -
 
 def test_ack_counts_done_and_moves_the_watermark(make: Callable[..., Harness]) -> None:
     h = make(range(10))
-    w = h.worker()
-    w.hello(credit=4)
-    h.step()
-    batch = w.one_batch()
+    w, batch = h.leased(credit=4)
     w.ack(acks=[(batch.seq, 0, 2)])
     h.step()
     assert h.master.state.done == 2
@@ -324,10 +325,7 @@ def test_ack_counts_done_and_moves_the_watermark(make: Callable[..., Harness]) -
 
 def test_out_of_order_acks(make: Callable[..., Harness]) -> None:
     h = make(range(10))
-    w = h.worker()
-    w.hello(credit=2)
-    h.step()
-    first = w.one_batch()
+    w, first = h.leased(credit=2)
     w.ack(credit=2)
     h.step()
     second = w.one_batch()
@@ -347,10 +345,7 @@ def test_out_of_order_acks(make: Callable[..., Harness]) -> None:
 
 def test_duplicate_acks_are_counted_as_duplicates(make: Callable[..., Harness]) -> None:
     h = make(range(10))
-    w = h.worker()
-    w.hello(credit=4)
-    h.step()
-    batch = w.one_batch()
+    w, batch = h.leased(credit=4)
     w.ack(acks=[(batch.seq, 0, 4)])
     h.step()
     w.ack(acks=[(batch.seq, 0, 4)])
@@ -364,10 +359,7 @@ def test_a_repeated_partial_ack_does_not_release_the_rest_of_the_lease(
     make: Callable[..., Harness],
 ) -> None:
     h = make(range(4))
-    w1 = h.worker()
-    w1.hello(credit=4)
-    h.step()
-    batch = w1.one_batch()
+    w1, batch = h.leased(credit=4)
     w1.ack(acks=[(batch.seq, 0, 2)])
     w1.ack(acks=[(batch.seq, 0, 2)])
     h.step()
@@ -392,10 +384,7 @@ def test_ack_credit_is_added_to_the_worker(make: Callable[..., Harness]) -> None
 
 def test_failure_is_recorded_without_retries(make: Callable[..., Harness]) -> None:
     h = make(range(3))
-    w = h.worker()
-    w.hello(credit=3)
-    h.step()
-    batch = w.one_batch()
+    w, batch = h.leased(credit=3)
     w.ack(acks=[(batch.seq, 0, 1), (batch.seq, 2, 1)])
     w.fail(batch, 1)
     h.step()
@@ -413,10 +402,7 @@ def test_failure_is_recorded_without_retries(make: Callable[..., Harness]) -> No
 
 def test_failure_is_retried_after_backoff(make: Callable[..., Harness]) -> None:
     h = make(["only"], retries=1, retry_backoff_s=1.0)
-    w = h.worker()
-    w.hello(credit=1)
-    h.step()
-    batch = w.one_batch()
+    w, batch = h.leased(credit=1)
     w.fail(batch, 0, credit=1)
     h.step()
     assert h.master.state.retried == 1
@@ -442,10 +428,7 @@ def test_failure_is_retried_after_backoff(make: Callable[..., Harness]) -> None:
 
 def test_a_retry_that_succeeds_is_done(make: Callable[..., Harness]) -> None:
     h = make(range(2), retries=2, retry_backoff_s=0.1)
-    w = h.worker()
-    w.hello(credit=2)
-    h.step()
-    batch = w.one_batch()
+    w, batch = h.leased(credit=2)
     w.ack(acks=[(batch.seq, 0, 1)])
     w.fail(batch, 1, credit=2)
     h.step()
@@ -462,10 +445,7 @@ def test_a_retry_that_succeeds_is_done(make: Callable[..., Harness]) -> None:
 
 def test_a_timeout_is_not_retried(make: Callable[..., Harness]) -> None:
     h = make(range(1), retries=3, timeout_s=1.0)
-    w = h.worker()
-    w.hello(credit=1)
-    h.step()
-    batch = w.one_batch()
+    w, batch = h.leased(credit=1)
     w.fail(batch, 0, error="Timeout")
     w.bye("timeout")
     h.step()
@@ -488,10 +468,7 @@ def test_failure_for_an_unknown_lease_is_ignored(make: Callable[..., Harness]) -
 
 def test_failure_after_success_keeps_the_success(make: Callable[..., Harness]) -> None:
     h = make(range(1))
-    w = h.worker()
-    w.hello(credit=1)
-    h.step()
-    batch = w.one_batch()
+    w, batch = h.leased(credit=1)
     w.ack(acks=[(batch.seq, 0, 1)])
     h.step()
     # A second report about the same job (say a re-run elsewhere) must not unmark it.
@@ -681,10 +658,7 @@ def test_a_suspect_that_succeeds_clears_the_way(make: Callable[..., Harness]) ->
     h.step()
     w1.one_batch()
     lose(h, w1)
-    w2 = h.worker()
-    w2.hello(credit=1)
-    h.step()
-    first = w2.one_batch()
+    w2, first = h.leased(credit=1)
     w2.ack_batch(first, credit=1)
     h.step()
     second = w2.one_batch()
@@ -697,10 +671,7 @@ def test_a_suspect_that_succeeds_clears_the_way(make: Callable[..., Harness]) ->
 
 def test_bye_requeues_at_once_without_blame(make: Callable[..., Harness]) -> None:
     h = make(range(6))
-    w1 = h.worker()
-    w1.hello(credit=3)
-    h.step()
-    batch = w1.one_batch()
+    w1, batch = h.leased(credit=3)
     w1.ack(acks=[(batch.seq, 0, 1)])
     w1.bye()
     h.step()
@@ -769,10 +740,7 @@ def test_ack_from_an_unknown_worker_marks_the_ledger_and_asks_for_hello(
     make: Callable[..., Harness],
 ) -> None:
     h = make(range(4))
-    w = h.worker()
-    w.hello(credit=4)
-    h.step()
-    batch = w.one_batch()
+    w, batch = h.leased(credit=4)
     stranger = h.worker("stranger")
     stranger.ack(acks=[(999, 0, 2)])
     h.step()
@@ -859,10 +827,7 @@ def test_an_empty_run_finishes_at_once(make: Callable[..., Harness]) -> None:
 
 def test_not_finished_while_jobs_are_out(make: Callable[..., Harness]) -> None:
     h = make(range(2))
-    w = h.worker()
-    w.hello(credit=2)
-    h.step()
-    batch = w.one_batch()
+    w, batch = h.leased(credit=2)
     w.ack(acks=[(batch.seq, 0, 1)])
     h.step()
     assert not h.master.finished
@@ -871,10 +836,7 @@ def test_not_finished_while_jobs_are_out(make: Callable[..., Harness]) -> None:
 
 def test_request_stop_waits_for_leases_then_pauses_with_130(make: Callable[..., Harness]) -> None:
     h = make(range(3000), size=100, grace_s=3.0)
-    w = h.worker()
-    w.hello(credit=3)
-    h.step()
-    batch = w.one_batch()
+    w, batch = h.leased(credit=3)
     h.master.request_stop()
     assert h.transport.wakes == 1
     w.ack(credit=3, acks=[(batch.seq, 0, 1)])
@@ -975,10 +937,7 @@ def test_resume_point_sees_requeued_jobs(make: Callable[..., Harness]) -> None:
 )
 def test_resume_point_skips_acked_jobs_of_a_lease(make: Callable[..., Harness]) -> None:
     h = make(range(10))
-    w = h.worker()
-    w.hello(credit=3)
-    h.step()
-    batch = w.one_batch()
+    w, batch = h.leased(credit=3)
     w.ack(acks=[(batch.seq, 0, 2)])
     h.step()
     assert h.master.resume_point()[0] == 2
@@ -996,10 +955,7 @@ def test_resume_point_is_none_when_nothing_is_held(make: Callable[..., Harness])
 
 def test_checkpoint_writes_watermark_ranges_and_resume_job(make: Callable[..., Harness]) -> None:
     h = make(["a", "b", "c", "d", "e", "f"], checkpoint_interval_s=0.5)
-    w = h.worker()
-    w.hello(credit=2)
-    h.step()
-    first = w.one_batch()
+    w, first = h.leased(credit=2)
     w.ack(credit=2)
     h.step()
     second = w.one_batch()
@@ -1037,10 +993,7 @@ def test_retry_failed_clears_successes_and_keeps_counting_attempts(
     payloads = [(5, pickle.dumps("five")), (9, pickle.dumps("nine"))]
     h = make(prepickled=payloads, retrying={5: 1, 9: 2})
     h.master.state.failed = 2
-    w = h.worker()
-    w.hello(credit=2)
-    h.step()
-    batch = w.one_batch()
+    w, batch = h.leased(credit=2)
     assert batch.ids == [5, 9] and batch.jobs == ["five", "nine"]
     w.ack(acks=[(batch.seq, 5, 1)])
     w.fail(batch, 9)
