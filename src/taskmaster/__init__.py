@@ -8,7 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import RunResult, run
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     LedgerCorrupt,
     LedgerError,
@@ -20,6 +21,19 @@ from .errors import (
     UsageError,
     WorkerGaveUp,
 )
+
+if TYPE_CHECKING:
+    from .api import RunResult, run
+
+
+def __getattr__(name: str) -> Any:
+    # The Python API loads on first use: the tm commands start faster without it.
+    if name in ("run", "RunResult"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "LedgerCorrupt",

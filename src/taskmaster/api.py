@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .launch import MasterOptions, WorkerOptions, default_state_path, run_all
-from .master import EXIT_INTERRUPTED, EXIT_OK, MasterConfig
+from .launch import run_all
+from .options import EXIT_INTERRUPTED, EXIT_OK, MasterConfig, MasterOptions, WorkerOptions
+from .serving import default_state_path
 
 __all__ = ["RunResult", "run"]
 

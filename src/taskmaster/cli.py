@@ -1,13 +1,14 @@
 """The ``tm`` command and its ``tm-*`` aliases: parse → options → call → exit status.
 
 Only this module reads argv, configures logging and exits. Errors that are the user's to fix
-print one line; tracebacks go to the log (``--log-level debug``).
+print one line; tracebacks go to the log (``--log-level debug``). Commands import what only
+they use, so that ``tm-run`` forks its workers before the master's side (SQLite, the ledger)
+has loaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -15,22 +16,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__, security
 from .errors import TaskmasterError, UsageError
-from .launch import (
-    MasterOptions,
-    WorkerOptions,
-    default_state_path,
-    run_all,
-    run_worker,
-    serve_master,
-    spawn_workers,
-)
-from .ledger import LedgerView
-from .master import MasterConfig
+from .launch import run_all, run_worker, spawn_workers
+from .options import MasterConfig, MasterOptions, WorkerOptions
 from .targets import Target, master_callables, parse_target, worker_callables
+
+if TYPE_CHECKING:
+    from .ledger import LedgerView
 
 _KWARG = re.compile(r"^[A-Za-z_]\w*=")
 
@@ -302,6 +297,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_master(args: argparse.Namespace) -> int:
+    from .serving import serve_master
+
     target = parse_target(args.tasks)
     return serve_master(_master_opts(args, target, "tm-master")).status
 
@@ -323,6 +320,8 @@ def _state_for(args: argparse.Namespace) -> Path:
         return Path(args.state)
     if not args.tasks:
         raise UsageError("name the tasks file (as given to tm-run / tm-master) or --state PATH")
+    from .serving import default_state_path
+
     target = parse_target(args.tasks)
     return default_state_path(target.label, _kwargs(args.kwargs))
 
@@ -395,6 +394,10 @@ def _print_status(data: dict[str, Any]) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from .ledger import LedgerView
+
     path = _state_for(args)
     clear = bool(args.watch) and not args.json and sys.stdout.isatty()
     try:
@@ -422,6 +425,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_failures(args: argparse.Namespace) -> int:
+    import json
+
+    from .ledger import LedgerView
+
     view = LedgerView(_state_for(args))
     try:
         failures = view.failures()

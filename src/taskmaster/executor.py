@@ -23,8 +23,9 @@ MAX_TRACEBACK_CHARS = 8000
 # Within a long batch, report finished jobs at least this often so the master's ledger and
 # progress move on, and a crash re-runs little.
 ACK_INTERVAL_S = 0.05
-# The serial executor wakes the I/O thread after a batch only when fewer jobs than this are
-# queued (or ACK_INTERVAL_S has passed).
+# The serial executor wakes the I/O thread after a batch only when fewer jobs than the
+# queue's ``low_water`` are queued (or ACK_INTERVAL_S has passed); the I/O thread sets it from
+# its window, and never below this.
 LOW_WATER_JOBS = 2
 
 # What a job may raise and still be a failed job rather than the end of its worker:
@@ -100,6 +101,7 @@ class JobQueue:
         self._cond = threading.Condition()
         self._closed = False
         self.queued_jobs = 0  # read without the lock: an int, only a hint
+        self.low_water = LOW_WATER_JOBS  # see LOW_WATER_JOBS
 
     def put(self, batch: Batch) -> None:
         with self._cond:
@@ -230,7 +232,7 @@ class SerialExecutor:
             # Wake the I/O thread only when its news matters: the queue runs dry (the master
             # must send more) or acks have waited long enough. Each wake-up takes the GIL
             # from this thread for a moment, and costs the master a message.
-            if queue.queued_jobs < LOW_WATER_JOBS or now - results.last_post > ACK_INTERVAL_S:
+            if queue.queued_jobs < queue.low_water or now - results.last_post > ACK_INTERVAL_S:
                 results.post(now)
 
     @staticmethod

@@ -17,6 +17,7 @@ import time
 import traceback as tb_module
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ CHUNK_FLUSH_S = 0.005
 REPLAY_STEP = 100_000
 # Packed chunks stop growing past this size, so big jobs travel in small messages.
 CHUNK_BYTES = 1024 * 1024
-# A packed chunk up to this size is always split by re-packing.
-REPACK_BYTES = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -39,8 +38,10 @@ class Chunk:
     Jobs straight from the generator are *packed*: each pull pickled as one list (``blobs``,
     with ``blob_counts`` jobs each, and ``head``, the first job's own pickle for the resume
     point), which costs a tenth of pickling each job. Contiguous packed chunks merge by
-    listing their blobs. A chunk is unpacked into per-job pickles only when it must be split
-    or one job's payload is needed (a retry, a failure record).
+    listing their blobs. Splitting a packed chunk unpickles it once into ``jobs`` (*loose*):
+    the pieces are slices of that list, each pickled as one list when it is sent, so a chunk
+    taken in many pieces costs one unpickle rather than a re-pack per piece. A chunk becomes
+    per-job pickles only when one job's payload is needed (a retry, a failure record).
     """
 
     first_id: int
@@ -50,34 +51,43 @@ class Chunk:
     blob_counts: list[int] | None = None
     count: int = -1
     head: bytes | None = None
+    jobs: list[Any] | None = None
 
     def __post_init__(self) -> None:
         if self.payloads is not None:
             self.count = len(self.payloads)
         elif self.blob_counts is not None:
             self.count = sum(self.blob_counts)
+        elif self.jobs is not None:
+            self.count = len(self.jobs)
 
     def __len__(self) -> int:
         return self.count
 
     @property
     def packed(self) -> bool:
-        return self.blobs is not None
+        return self.blobs is not None or self.jobs is not None
+
+    def _pack(self) -> None:
+        """Loose → packed: the jobs pickled as one list."""
+        if self.jobs is not None:
+            self.blobs = [pickle.dumps(self.jobs, PICKLE_PROTOCOL)]
+            self.blob_counts = [len(self.jobs)]
+            self.jobs = None
 
     def pickles(self) -> list[bytes]:
         """The per-job pickles (unpacking a packed chunk once; the master pickled it)."""
         if self.payloads is None:
-            assert self.blobs is not None
-            self.payloads = [
-                pickle.dumps(job, PICKLE_PROTOCOL)
-                for blob in self.blobs
-                for job in pickle.loads(blob)
-            ]
-            self.blobs = self.blob_counts = None
+            if self.jobs is None:
+                assert self.blobs is not None
+                self.jobs = [job for blob in self.blobs for job in pickle.loads(blob)]
+            self.payloads = [pickle.dumps(job, PICKLE_PROTOCOL) for job in self.jobs]
+            self.blobs = self.blob_counts = self.jobs = None
         return self.payloads
 
     def wire(self) -> tuple[list[bytes], int | list[int]]:
         """What a JOBS message carries: (per-job pickles, count) or (blobs, jobs per blob)."""
+        self._pack()
         if self.blobs is not None and self.blob_counts is not None:
             return self.blobs, self.blob_counts
         return self.pickles(), self.count
@@ -88,8 +98,13 @@ class Chunk:
             return False
         if self.first_id + self.count != other.first_id:
             return False
-        if self.blobs is not None and other.blobs is not None:
-            assert self.blob_counts is not None and other.blob_counts is not None
+        if self.jobs is not None and other.jobs is not None:
+            self.jobs.extend(other.jobs)
+        elif self.packed and other.packed:
+            self._pack()
+            other._pack()
+            assert self.blobs is not None and self.blob_counts is not None
+            assert other.blobs is not None and other.blob_counts is not None
             self.blobs.extend(other.blobs)
             self.blob_counts.extend(other.blob_counts)
         else:  # mixed forms (rare: around a bad job): both become per-job pickles
@@ -100,35 +115,26 @@ class Chunk:
     def lowest(self) -> tuple[int, bytes]:
         """The lowest job id here, with its pickle."""
         if self.ids is None:
-            return self.first_id, self.head if self.head is not None else self.pickles()[0]
+            if self.head is None:
+                jobs = self.jobs
+                self.head = pickle.dumps(jobs[0], PICKLE_PROTOCOL) if jobs else self.pickles()[0]
+            return self.first_id, self.head
         payloads = self.pickles()
         i = min(range(len(self.ids)), key=self.ids.__getitem__)
         return self.ids[i], payloads[i]
 
     def split(self, n: int) -> Chunk:
-        """Cut off and return the first ``n`` jobs.
-
-        A packed chunk is re-packed in two (cheap for small jobs); only a big one that is
-        taken in small pieces is unpacked into per-job pickles, once, so that taking it job
-        by job later costs a slice each rather than a re-pack of the rest.
-        """
-        if (
-            self.blobs is not None
-            and self.ids is None
-            and (2 * n >= self.count or sum(map(len, self.blobs)) <= REPACK_BYTES)
-        ):
-            jobs = [job for blob in self.blobs for job in pickle.loads(blob)]
-            head = Chunk(
-                self.first_id,
-                None,
-                blobs=[pickle.dumps(jobs[:n], PICKLE_PROTOCOL)],
-                blob_counts=[n],
-                head=self.head,
-            )
-            self.blobs = [pickle.dumps(jobs[n:], PICKLE_PROTOCOL)]
-            self.blob_counts = [len(jobs) - n]
-            self.count = len(jobs) - n
-            self.head = pickle.dumps(jobs[n], PICKLE_PROTOCOL)
+        """Cut off and return the first ``n`` jobs (a packed chunk becomes loose, once)."""
+        if self.packed and self.ids is None:
+            if self.jobs is None:
+                assert self.blobs is not None
+                self.jobs = [job for blob in self.blobs for job in pickle.loads(blob)]
+                self.blobs = self.blob_counts = None
+            jobs = self.jobs
+            head = Chunk(self.first_id, None, jobs=jobs[:n], head=self.head)
+            self.jobs = jobs[n:]
+            self.count = len(self.jobs)
+            self.head = None  # pickled when the resume point asks for it
             self.first_id += n
             return head
         payloads = self.pickles()

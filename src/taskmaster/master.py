@@ -24,13 +24,10 @@ from typing import Any, Protocol
 from . import protocol
 from .feeder import Chunk, Feeder, safe_repr
 from .ledger import Checkpoint, CompletedSet, Ledger
+from .options import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MasterConfig
 from .progress import NullReporter, Reporter, Snapshot, StalledJob, Summary, WorkerRow
 
 logger = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
 
 MAX_BATCH = 4096
 REPORT_INTERVAL_S = 0.25
@@ -49,22 +46,6 @@ class Transport(Protocol):
     def receive(self) -> Iterable[tuple[bytes, bytes]]: ...
     def send(self, identity: bytes, frame: bytes) -> bool: ...
     def wake(self) -> None: ...
-
-
-@dataclass
-class MasterConfig:
-    size: int = 10_000
-    heartbeat_s: float = 0.5
-    liveness_s: float = 3.0
-    checkpoint_interval_s: float = 0.5
-    timeout_s: float | None = None
-    retries: int = 0
-    max_attempts: int = 3
-    max_job_bytes: int = 64 * 1024 * 1024
-    grace_s: float = 3.0
-    retry_backoff_s: float = 0.5
-    retry_backoff_max_s: float = 30.0
-    total: int | None = None
 
 
 @dataclass(slots=True)

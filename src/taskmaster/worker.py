@@ -21,7 +21,14 @@ from typing import Any
 
 from . import protocol
 from .errors import ProtocolError, WorkerGaveUp
-from .executor import Batch, JobQueue, Results, executor_slots, make_executor
+from .executor import (
+    LOW_WATER_JOBS,
+    Batch,
+    JobQueue,
+    Results,
+    executor_slots,
+    make_executor,
+)
 from .security import Keys
 from .transport import HandshakeFailed, WorkerTransport
 
@@ -35,7 +42,9 @@ EXIT_INIT_FAILED = 5
 MAX_WINDOW = 8192
 # How much queued work a worker asks for beyond its running slots: enough to cover a round
 # trip to the master, small enough that the last jobs of a run are spread over all workers.
-PREFETCH_S = 0.01
+# The round trip is more than the network: while a CPU-bound job holds the GIL, the I/O
+# thread waits up to the switch interval (5 ms) to send the ack, and again to take the reply.
+PREFETCH_S = 0.03
 HELLO_RETRY_S = 1.0
 # Well under the master's frame limit (protocol.MAX_WORKER_FRAME_BYTES).
 ACK_BUDGET_BYTES = 1024 * 1024
@@ -238,6 +247,9 @@ class Session(threading.Thread):
         while failed:
             failures.append(failed.popleft())
         self._measure()
+        # Ask for more while half the window is still queued: the next jobs arrive while
+        # these run, rather than after the queue ran dry.
+        self.queue.low_water = max(LOW_WATER_JOBS, self.window() // 2 + 1)
         if not self.welcomed:
             # No master now: keep the results for the next one, if it serves the same run.
             self._held_acks.extend(acks)

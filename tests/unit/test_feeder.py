@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from taskmaster.feeder import Chunk, Feeder
-from taskmaster.launch import MasterOptions, _resume_jobs
 from taskmaster.ledger import Checkpoint, CompletedSet, Ledger
+from taskmaster.options import MasterOptions
+from taskmaster.serving import _resume_jobs
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -240,7 +241,53 @@ def test_chunk_split_keeps_ids_and_payloads_aligned() -> None:
     assert plain.split(1).id_list() == [0] and plain.id_list() == [1, 2]
 
 
-# -- where a resumed feeder starts (launch._resume_jobs) --------------------------------------
+def _packed(first_id: int, *lists: list[int]) -> Chunk:
+    blobs = [pickle.dumps(jobs) for jobs in lists]
+    return Chunk(first_id, None, blobs=blobs, blob_counts=[len(j) for j in lists])
+
+
+def _wired(chunk: Chunk) -> tuple[int, list[int]]:
+    payloads, counts = chunk.wire()
+    if isinstance(counts, int):
+        return chunk.first_id, [pickle.loads(p) for p in payloads]
+    return chunk.first_id, [job for blob in payloads for job in pickle.loads(blob)]
+
+
+def test_a_packed_chunk_taken_in_pieces_is_unpickled_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    chunk = _packed(100, list(range(100, 110)), list(range(110, 120)))
+    loads = pickle.loads
+    calls = []
+
+    def counting_loads(data: bytes) -> object:
+        calls.append(1)
+        return loads(data)
+
+    monkeypatch.setattr(pickle, "loads", counting_loads)
+    pieces = [chunk.split(n) for n in (3, 1, 7, 4)]
+    monkeypatch.undo()
+    assert len(calls) == 2  # one per blob, on the first split only
+    assert [_wired(p) for p in pieces] == [
+        (100, [100, 101, 102]),
+        (103, [103]),
+        (104, list(range(104, 111))),
+        (111, [111, 112, 113, 114]),
+    ]
+    assert chunk.lowest() == (115, pickle.dumps(115, pickle.HIGHEST_PROTOCOL))
+    assert _wired(chunk) == (115, list(range(115, 120)))
+
+
+def test_loose_and_packed_pieces_merge_back_in_order() -> None:
+    chunk = _packed(0, list(range(10)))
+    a, b = chunk.split(4), chunk.split(3)
+    assert a.absorb(b) and a.absorb(_packed(7, [7, 8])) and not a.absorb(_packed(50, [50]))
+    assert _wired(a) == (0, list(range(9)))
+    assert len(a) == 9 and a.packed
+    assert a.pickles() == [pickle.dumps(i, pickle.HIGHEST_PROTOCOL) for i in range(9)]
+
+
+# -- where a resumed feeder starts (serving._resume_jobs) --------------------------------------
 
 
 def _resumable_ledger(tmp_path: Path, watermark: int, ranges: list[tuple[int, int]]) -> Ledger:

@@ -125,8 +125,8 @@ def test_merge_keeps_every_id() -> None:
 def test_window_before_and_after_measuring() -> None:
     session, _ = make_session(slots=4)
     assert session.window() == 8
-    session.job_time_s = 0.001  # 1 ms jobs: 4 slots + 10 ms worth of prefetch
-    assert session.window() == 4 + 40
+    session.job_time_s = 0.001  # 1 ms jobs: 4 slots + 30 ms worth of prefetch
+    assert session.window() == 4 + 120
     session.job_time_s = 10.0  # slow jobs: no prefetch at all
     assert session.window() == 4
     session.job_time_s = 1e-9
@@ -277,7 +277,8 @@ def test_repeated_rehello_or_pause_gives_one_hello(frame: bytes) -> None:
 def test_a_master_restart_delivers_each_job_once(tmp_path: Path) -> None:
     from taskmaster.feeder import Feeder
     from taskmaster.ledger import Ledger
-    from taskmaster.master import Master, MasterConfig
+    from taskmaster.master import Master
+    from taskmaster.options import MasterConfig
     from tests.conftest import wait_until
     from tests.unit.test_master import IDENTITY, FakeTransport
 

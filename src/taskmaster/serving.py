@@ -1,0 +1,270 @@
+"""A master from options: the state file, the feeder, the transport and the event loop.
+
+``serve_master`` is ``tm-master``; ``tm-run`` and :func:`taskmaster.run` call it too, from
+:mod:`taskmaster.launch`, after they have forked their workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import pickle
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .feeder import Feeder, safe_repr
+from .launch import master_endpoint
+from .ledger import CompletedSet, Ledger
+from .master import Master
+from .options import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MasterOptions, Outcome
+from .progress import Reporter, Summary, make_reporter
+from .protocol import PROTOCOL_VERSION
+from .targets import accepts_last
+from .transport import MasterTransport
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = Path(".taskmaster")
+
+
+def default_state_path(label: str, kwargs: dict[str, str]) -> Path:
+    """``.taskmaster/<target>[-<kwargs hash>].db``: each set of kwargs resumes on its own."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    if kwargs:
+        digest = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:10]
+        name += f"-{digest}"
+    return STATE_DIR / f"{name}.db"
+
+
+def _identity(options: MasterOptions) -> dict[str, Any]:
+    identity = {"target": options.label, "kwargs": options.kwargs, "protocol": PROTOCOL_VERSION}
+    if options.source:
+        identity["source"] = options.source
+    return identity
+
+
+def _total(options: MasterOptions) -> int | None:
+    if options.config.total is not None:
+        return options.config.total
+    if options.count_jobs is None:
+        return None
+    try:
+        total = options.count_jobs(**options.kwargs)
+        return int(total) if total is not None else None
+    except Exception as exc:
+        logger.warning(
+            "count_jobs() failed, running without a total: %s: %s", type(exc).__name__, exc
+        )
+        return None
+
+
+def _same_job(job: Any, payload: bytes, stored: bytes | None) -> bool:
+    """Whether a freshly yielded job is the stored one (by pickle, else by equality)."""
+    if stored is None:
+        return False
+    if payload == stored:
+        return True
+    # Equal values can pickle differently (sets, dicts built in another order).
+    try:
+        return bool(pickle.loads(stored) == job)
+    except Exception:  # a user's __eq__ or an unpicklable class may raise anything
+        return False
+
+
+def _raising(exc: BaseException) -> Callable[[], Iterable[Any]]:
+    """A job source that fails at once: the feeder reports it like any get_jobs error."""
+
+    def jobs() -> Iterable[Any]:
+        raise exc
+
+    return jobs
+
+
+def _resume_jobs(options: MasterOptions, ledger: Ledger) -> tuple[Callable[[], Iterable[Any]], int]:
+    """Decide how to restart ``get_jobs``: return the iterable factory and the first id.
+
+    With a stored resume job and a ``last`` parameter, ``get_jobs(last=job)`` must yield that
+    job first and jobs are numbered from its id. Without ``last`` (or without a stored job),
+    or when the generator starts over from its first job anyway (the 2012 article's
+    ``get_jobs(last=0)`` ignores ``last``), jobs are numbered from 0 and the feeder skips the
+    done prefix without running it.
+    """
+    cp = ledger.checkpoint_row
+    kwargs = options.kwargs
+    get_jobs = options.get_jobs
+    if ledger.fresh or (cp.watermark == 0 and not cp.ranges):
+        return (lambda: get_jobs(**kwargs)), 0
+    if cp.resume_job is None or not accepts_last(get_jobs):
+        why = "takes no `last`" if cp.resume_job is not None else "has no stored resume job"
+        logger.warning(
+            "get_jobs() %s: replaying %d done jobs from the start to resume", why, cp.watermark
+        )
+        return (lambda: get_jobs(**kwargs)), 0
+    last = pickle.loads(cp.resume_job)
+    try:
+        jobs = iter(get_jobs(last=last, **kwargs))
+        first = next(jobs)
+    except StopIteration:
+        logger.warning("get_jobs(last=%s) yielded nothing: no jobs left", safe_repr(last))
+        return (lambda: iter(())), cp.resume_id
+    except Exception as exc:  # the user's generator: the feeder reports it with the job id
+        return _raising(exc), cp.resume_id
+    try:
+        first_payload = pickle.dumps(first, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        first_payload = b""  # unpicklable: the feeder records it as a bad job
+    chained: Iterator[Any] = itertools.chain([first], jobs)
+    if _same_job(first, first_payload, cp.resume_job):
+        logger.info("resuming at job=%d (watermark %d)", cp.resume_id, cp.watermark)
+        return (lambda: chained), cp.resume_id
+    if _same_job(first, first_payload, cp.first_job):
+        logger.warning(
+            "get_jobs(last=…) started from the beginning again (it ignores `last`): "
+            "replaying %d done jobs instead of re-running them",
+            cp.watermark,
+        )
+        return (lambda: chained), 0
+    logger.error(
+        "get_jobs(last=%s) yielded %s first, which is neither the job to resume at nor the "
+        "first job of the run: get_jobs must yield `last` first. Numbering jobs from %d as if "
+        "it did; check the results",
+        safe_repr(last),
+        safe_repr(first),
+        cp.resume_id,
+    )
+    return (lambda: chained), cp.resume_id
+
+
+def serve_master(
+    options: MasterOptions,
+    *,
+    transport: MasterTransport | None = None,
+    watchdog: Callable[[], str | None] | None = None,
+) -> Outcome:
+    """Run a master to completion (or interruption) and return its outcome.
+
+    ``transport`` is a socket already bound for this run (``tm-run`` binds first, so that its
+    workers can connect while this module loads); without one, the master binds
+    ``options.address`` once its state file is open.
+    """
+    try:
+        # Refused (say, a reachable address without a secret) before the state is touched.
+        endpoint = master_endpoint(options) if transport is None else None
+        state_path = options.state_path or default_state_path(options.label, options.kwargs)
+        reporter = make_reporter(
+            options.progress, stream=options.stream, workers_table=options.workers_table
+        )
+        ledger = Ledger.open(state_path, _identity(options), reset=options.reset)
+        try:
+            if ledger.checkpoint_row.exhausted and not options.retry_failed:
+                return _already_complete(ledger, reporter, options)
+            if transport is None:
+                assert endpoint is not None
+                transport = MasterTransport(*endpoint)
+            return _serve(options, ledger, transport, reporter, watchdog)
+        finally:
+            ledger.close()
+    finally:
+        if transport is not None:
+            transport.close()
+
+
+def _describe_discarded(ledger: Ledger) -> str:
+    old = ledger.discarded
+    assert old is not None
+    above = sum(e - s for s, e in old.ranges or [])
+    state = "a complete run" if old.exhausted else "an unfinished run"
+    return (
+        f"discarded the previous state of {ledger.path} ({state}: {old.done:,} done, "
+        f"{old.failed:,} failed, watermark {old.watermark:,} +{above:,} above it, "
+        f"last checkpoint {old.updated}); starting over from the first job"
+    )
+
+
+def _already_complete(ledger: Ledger, reporter: Reporter, options: MasterOptions) -> Outcome:
+    cp = ledger.checkpoint_row
+    summary = Summary(
+        done=cp.done, failed=cp.failed, duplicates=cp.duplicates, retried=cp.retried,
+        elapsed_s=0.0, done_this_run=0, state_path=str(ledger.path),
+        failures_hint=options.failures_hint, interrupted=False, already_complete=True,
+    )  # fmt: skip
+    reporter.finish(summary, None)
+    return Outcome(EXIT_FAILED if cp.failed else EXIT_OK, summary)
+
+
+def _serve(
+    options: MasterOptions,
+    ledger: Ledger,
+    transport: MasterTransport,
+    reporter: Reporter,
+    watchdog: Callable[[], str | None] | None = None,
+) -> Outcome:
+    if ledger.discarded is not None:
+        logger.warning("--reset: %s", _describe_discarded(ledger))
+    retrying: dict[int, int] | None = None
+    config = options.config
+    wake: list[Callable[[], None]] = []
+
+    def on_ready() -> None:
+        if wake:
+            wake[0]()
+
+    if options.retry_failed:
+        failures = [f for f in ledger.failures() if f.job is not None]
+        if not failures:
+            logger.warning("no recorded failures with a stored job to retry")
+        retrying = {f.job_id: f.attempts for f in failures}
+        items = [(f.job_id, f.job) for f in failures if f.job is not None]
+        feeder = Feeder(
+            items,
+            size=config.size,
+            max_job_bytes=config.max_job_bytes,
+            on_ready=on_ready,
+            prepickled=True,
+        )
+    else:
+        jobs, start_id = _resume_jobs(options, ledger)
+        frozen = CompletedSet(ledger.completed.watermark, ledger.completed.ranges())
+        feeder = Feeder(
+            jobs, size=config.size, start_id=start_id, skip_below=frozen.watermark,
+            skip=frozen.__contains__, skip_until=frozen.highest,
+            max_job_bytes=config.max_job_bytes, on_ready=on_ready,
+        )  # fmt: skip
+        if config.total is None:
+            config.total = _total(options)
+    wake.append(transport.wake)
+    logger.info("master listening on %s, state %s", transport.address, ledger.path)
+    master = Master(
+        transport,
+        feeder,
+        ledger,
+        config,
+        reporter=reporter,
+        retry_attempts=retrying,
+        failures_hint=options.failures_hint,
+    )
+    if retrying is not None:
+        master.display_total = len(retrying)  # the run's own total stays in the ledger
+    master.watchdog = watchdog
+    master.install_signal_handlers()
+    try:
+        status = master.run()
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    summary = master.summary()
+    last = master.snapshot(master.clock())
+    reporter.finish(summary, last)
+    if feeder.failure is not None:
+        logger.error(
+            "get_jobs raised at job %d: the jobs before it are done; run the same command "
+            "again to resume there\n%s",
+            feeder.failure.job_id,
+            feeder.failure.traceback,
+        )
+        status = status if status == EXIT_INTERRUPTED else EXIT_FAILED
+    return Outcome(status, summary)
