@@ -27,6 +27,8 @@ ACK_INTERVAL_S = 0.05
 # queue's ``low_water`` are queued (or ACK_INTERVAL_S has passed); the I/O thread sets it from
 # its window, and never below this.
 LOW_WATER_JOBS = 2
+# The serial executor reads the clock once per this many jobs.
+CLOCK_EVERY = 32
 
 # What a job may raise and still be a failed job rather than the end of its worker:
 # sys.exit() inside handle_job is the job's failure; Ctrl-C and SIGTERM stop the worker.
@@ -184,6 +186,13 @@ class Results:
         self._wake()
 
 
+def _offset(id_seq: range | list[int], job_id: int, start: int, end: int) -> int:
+    """Where ``job_id`` sits in the batch (it is between ``start`` and ``end``)."""
+    if isinstance(id_seq, range):
+        return job_id - id_seq.start
+    return id_seq.index(job_id, start, end)
+
+
 class SerialExecutor:
     """One job at a time on the calling (main) thread: the fastest path for CPU-bound jobs.
 
@@ -203,33 +212,41 @@ class SerialExecutor:
         for batch, items, packed in batches(queue, results):
             seq = batch.seq
             id_seq = batch.id_seq()
+            count = batch.count
             box[1] = seq
             started = last_post = _monotonic()
             run_start = 0  # offset where the current run of successes began
-            for offset, (job_id, item) in enumerate(zip(id_seq, items, strict=True)):
-                box[0] = job_id
+            pos = 0
+            while pos < count:
+                # Jobs run in blocks with no per-job bookkeeping beyond the black box; the
+                # clock is read between blocks, enough to ack long batches as they go.
+                end = min(pos + CLOCK_EVERY, count)
+                job_id = -1
                 try:
-                    handle(item if packed else loads(item))
+                    for job_id, item in zip(id_seq[pos:end], items[pos:end], strict=True):
+                        box[0] = job_id
+                        handle(item if packed else loads(item))
+                    pos = end
                 except JOB_ERRORS as exc:
                     box[0] = -1
+                    offset = _offset(id_seq, job_id, pos, end)
                     self._flush_run(results, seq, id_seq, run_start, offset)
                     results.failed.append((seq, job_id, *describe_exception(exc)))
                     results.finished += 1
-                    run_start = offset + 1
+                    run_start = pos = offset + 1
                     results.post()
-                # A clock read every 16 jobs is enough to ack long batches as they go.
-                if not offset & 15 and _monotonic() - last_post > ACK_INTERVAL_S:
-                    self._flush_run(results, seq, id_seq, run_start, offset + 1)
-                    run_start = offset + 1
+                if _monotonic() - last_post > ACK_INTERVAL_S:
+                    self._flush_run(results, seq, id_seq, run_start, pos)
+                    run_start = pos
                     now = _monotonic()
                     results.busy_s += now - started
                     started = last_post = now
                     results.post()
             box[0] = -1
-            self._flush_run(results, seq, id_seq, run_start, batch.count)
+            self._flush_run(results, seq, id_seq, run_start, count)
             now = _monotonic()
             results.busy_s += now - started
-            # Wake the I/O thread only when its news matters: the queue runs dry (the master
+            # Wake the I/O thread only when its news matters: the queue runs low (the master
             # must send more) or acks have waited long enough. Each wake-up takes the GIL
             # from this thread for a moment, and costs the master a message.
             if queue.queued_jobs < queue.low_water or now - results.last_post > ACK_INTERVAL_S:

@@ -16,8 +16,7 @@ import threading
 import time
 import traceback as tb_module
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,6 @@ REPLAY_STEP = 100_000
 CHUNK_BYTES = 1024 * 1024
 
 
-@dataclass(slots=True)
 class Chunk:
     """Consecutive jobs: ids ``first_id …`` (or the explicit ``ids``) and their pickles.
 
@@ -44,22 +42,32 @@ class Chunk:
     per-job pickles only when one job's payload is needed (a retry, a failure record).
     """
 
-    first_id: int
-    payloads: list[bytes] | None
-    ids: list[int] | None = None
-    blobs: list[bytes] | None = None
-    blob_counts: list[int] | None = None
-    count: int = -1
-    head: bytes | None = None
-    jobs: list[Any] | None = None
+    __slots__ = ("first_id", "payloads", "ids", "blobs", "blob_counts", "count", "head", "jobs")
 
-    def __post_init__(self) -> None:
-        if self.payloads is not None:
-            self.count = len(self.payloads)
-        elif self.blob_counts is not None:
-            self.count = sum(self.blob_counts)
-        elif self.jobs is not None:
-            self.count = len(self.jobs)
+    def __init__(
+        self,
+        first_id: int,
+        payloads: list[bytes] | None,
+        ids: list[int] | None = None,
+        *,
+        blobs: list[bytes] | None = None,
+        blob_counts: list[int] | None = None,
+        head: bytes | None = None,
+        jobs: list[Any] | None = None,
+    ) -> None:
+        self.first_id = first_id
+        self.payloads = payloads
+        self.ids = ids
+        self.blobs = blobs
+        self.blob_counts = blob_counts
+        self.head = head
+        self.jobs = jobs
+        if payloads is not None:
+            self.count = len(payloads)
+        elif blob_counts is not None:
+            self.count = sum(blob_counts)
+        else:
+            self.count = len(jobs) if jobs is not None else 0
 
     def __len__(self) -> int:
         return self.count
@@ -157,8 +165,7 @@ class Chunk:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class BadJob:
+class BadJob(NamedTuple):
     """A job that could not be sent: unpicklable or too large."""
 
     job_id: int
@@ -167,8 +174,7 @@ class BadJob:
     message: str
 
 
-@dataclass
-class GeneratorFailure:
+class GeneratorFailure(NamedTuple):
     job_id: int
     error: str
     message: str
@@ -183,9 +189,11 @@ def safe_repr(obj: object, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-@dataclass
 class FeederStats:
-    replayed: int = 0  # jobs skipped because they were already done
+    __slots__ = ("replayed",)
+
+    def __init__(self) -> None:
+        self.replayed = 0  # jobs skipped because they were already done
 
 
 class Feeder(threading.Thread):

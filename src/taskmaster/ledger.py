@@ -15,14 +15,12 @@ import contextlib
 import fcntl
 import json
 import os
-import socket
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -143,31 +141,70 @@ class CompletedSet:
         return sum(e - s for s, e in zip(self._starts, self._ends, strict=True))
 
 
-@dataclass
 class Checkpoint:
     """What a checkpoint row holds, as the master and ``tm status`` see it."""
 
-    watermark: int = 0
-    resume_id: int = 0
-    resume_job: bytes | None = None
-    first_job: bytes | None = None
-    ranges: list[tuple[int, int]] | None = None
-    exhausted: bool = False
-    generator_error: str | None = None
-    done: int = 0
-    failed: int = 0
-    duplicates: int = 0
-    retried: int = 0
-    total: int | None = None
-    rate: float = 0.0
-    in_flight: int = 0
-    workers: int = 0
-    started: str | None = None
-    updated: str | None = None
+    __slots__ = (
+        "watermark",
+        "resume_id",
+        "resume_job",
+        "first_job",
+        "ranges",
+        "exhausted",
+        "generator_error",
+        "done",
+        "failed",
+        "duplicates",
+        "retried",
+        "total",
+        "rate",
+        "in_flight",
+        "workers",
+        "started",
+        "updated",
+    )
+
+    def __init__(
+        self,
+        *,
+        watermark: int = 0,
+        resume_id: int = 0,
+        resume_job: bytes | None = None,
+        first_job: bytes | None = None,
+        ranges: list[tuple[int, int]] | None = None,
+        exhausted: bool = False,
+        generator_error: str | None = None,
+        done: int = 0,
+        failed: int = 0,
+        duplicates: int = 0,
+        retried: int = 0,
+        total: int | None = None,
+        rate: float = 0.0,
+        in_flight: int = 0,
+        workers: int = 0,
+        started: str | None = None,
+        updated: str | None = None,
+    ) -> None:
+        self.watermark = watermark
+        self.resume_id = resume_id
+        self.resume_job = resume_job
+        self.first_job = first_job
+        self.ranges = ranges
+        self.exhausted = exhausted
+        self.generator_error = generator_error
+        self.done = done
+        self.failed = failed
+        self.duplicates = duplicates
+        self.retried = retried
+        self.total = total
+        self.rate = rate
+        self.in_flight = in_flight
+        self.workers = workers
+        self.started = started
+        self.updated = updated
 
 
-@dataclass(frozen=True)
-class Failure:
+class Failure(NamedTuple):
     job_id: int
     job: bytes | None
     job_repr: str
@@ -293,7 +330,7 @@ class MasterLock:
                 "stop it first, or use --state for a separate run"
             ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
         self._fd = fd
 
     @staticmethod

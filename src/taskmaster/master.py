@@ -18,7 +18,6 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import protocol
@@ -48,17 +47,21 @@ class Transport(Protocol):
     def wake(self) -> None: ...
 
 
-@dataclass(slots=True)
 class Lease:
     """Jobs sent to one worker in one message and not yet all acknowledged."""
 
-    seq: int
-    worker: bytes
-    chunk: Chunk
-    sent_at: float
-    remaining: int
-    suspect: bool = False
-    reported: CompletedSet | None = None
+    __slots__ = ("seq", "worker", "chunk", "sent_at", "remaining", "suspect", "reported")
+
+    def __init__(
+        self, seq: int, worker: bytes, chunk: Chunk, sent_at: float, remaining: int, suspect: bool
+    ) -> None:
+        self.seq = seq
+        self.worker = worker
+        self.chunk = chunk
+        self.sent_at = sent_at
+        self.remaining = remaining
+        self.suspect = suspect
+        self.reported: CompletedSet | None = None
 
     def report(self, first_id: int, count: int) -> int:
         """Note ``count`` jobs from ``first_id`` as reported; return how many were new here."""
@@ -77,21 +80,30 @@ class Lease:
             return None
 
 
-@dataclass(slots=True)
 class WorkerState:
-    identity: bytes
-    host: str
-    pid: int
-    slots: int
-    credit: int
-    last_seen: float
-    leases: set[int] = field(default_factory=set)
-    done: int = 0
-    running_job: int = -1
-    running_s: float = 0.0
-    running_seen: float = 0.0
-    rate_mark: tuple[float, int] = (0.0, 0)
-    rate: float = 0.0
+    """What the master knows of one connected worker."""
+
+    __slots__ = (
+        "identity", "host", "pid", "slots", "credit", "last_seen", "leases", "done",
+        "running_job", "running_s", "running_seen", "rate_mark", "rate",
+    )  # fmt: skip
+
+    def __init__(
+        self, identity: bytes, host: str, pid: int, slots: int, credit: int, last_seen: float
+    ) -> None:
+        self.identity = identity
+        self.host = host
+        self.pid = pid
+        self.slots = slots
+        self.credit = credit
+        self.last_seen = last_seen
+        self.leases: set[int] = set()
+        self.done = 0
+        self.running_job = -1
+        self.running_s = 0.0
+        self.running_seen = 0.0
+        self.rate_mark = (0.0, 0)
+        self.rate = 0.0
 
     @property
     def name(self) -> str:

@@ -19,7 +19,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol, TextIO, runtime_checkable
 
 __all__ = [
@@ -47,8 +46,7 @@ MIN_BAR_WIDTH = 10
 MAX_WORKER_ROWS = 20
 
 
-@dataclass(frozen=True)
-class WorkerRow:
+class WorkerRow(NamedTuple):
     """One connected worker, for the optional workers table."""
 
     name: str
@@ -59,8 +57,7 @@ class WorkerRow:
     last_seen_s: float
 
 
-@dataclass(frozen=True)
-class StalledJob:
+class StalledJob(NamedTuple):
     """The oldest in-flight job, when it has been running much longer than is typical."""
 
     job_id: int
@@ -68,8 +65,7 @@ class StalledJob:
     running_s: float
 
 
-@dataclass(frozen=True)
-class Snapshot:
+class Snapshot(NamedTuple):
     """The master's numbers at one instant; see the field comments for their meaning."""
 
     done: int  # finished OK, including those finished before a resume
@@ -90,8 +86,7 @@ class Snapshot:
     replayed: int = 0  # jobs skipped so far during a resume replay
 
 
-@dataclass(frozen=True)
-class Summary:
+class Summary(NamedTuple):
     """What the master knows when it stops, for the final lines."""
 
     done: int

@@ -34,8 +34,7 @@ Master → worker::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -85,8 +84,7 @@ def unpack_from_master(frame: bytes) -> list[Any]:
     return msg
 
 
-@dataclass(frozen=True, slots=True)
-class Hello:
+class Hello(NamedTuple):
     version: int
     host: str
     pid: int
@@ -96,22 +94,19 @@ class Hello:
     died: tuple[bytes, int, int] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
+class Ack(NamedTuple):
     credit: int
     acks: list[tuple[int, int, int]]
     failures: list[tuple[int, int, str, str, str]]
 
 
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
+class Heartbeat(NamedTuple):
     running_job: int  # -1 when idle
     running_s: float
     done_total: int
 
 
-@dataclass(frozen=True, slots=True)
-class Bye:
+class Bye(NamedTuple):
     reason: str
 
 

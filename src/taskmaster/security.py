@@ -14,10 +14,9 @@ import ipaddress
 import logging
 import os
 import secrets
-import socket
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import SecurityError, UsageError
 
@@ -32,8 +31,7 @@ _MASTER_LABEL = b"taskmaster/v1/master-key"
 _WORKER_LABEL = b"taskmaster/v1/worker-key"
 
 
-@dataclass(frozen=True)
-class Keys:
+class Keys(NamedTuple):
     """Z85-encoded CURVE keys derived from one secret."""
 
     master_public: bytes
@@ -150,6 +148,8 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         pass
+    import socket  # only a host name needs it; keeping it off every start-up costs 2 ms
+
     try:
         infos = socket.getaddrinfo(host, None)
     except OSError:

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ STOP_GRACE_S = 5.0
 BLACK_BOX_FIELDS = 4  # running job id (-1 idle), its batch seq, worker identity, spare
 
 
-@dataclass(frozen=True)
-class LastWords:
+class LastWords(NamedTuple):
     """What a dead worker was running, read from its black box by the supervisor."""
 
     identity: int
@@ -53,11 +52,10 @@ class LastWords:
     seq: int
 
 
-@dataclass(frozen=True)
-class ChildSlot:
+class ChildSlot(NamedTuple):
     """Handed to a forked worker: its black box and its predecessor's last words."""
 
-    index: int
+    slot: int
     black_box: memoryview
     last_words: LastWords | None
 
@@ -70,18 +68,25 @@ def child_slot() -> ChildSlot | None:
     return _child_slot
 
 
-@dataclass
 class Slot:
-    index: int
-    pid: int = 0
-    last_words: LastWords | None = None
-    started: float = 0.0
-    restarts: int = 0
-    start_failures: int = 0
-    backoff_s: float = 0.0
-    restart_at: float | None = None
-    finished: bool = False
-    status: int = 0
+    """One worker's place: the process in it now and its restart history."""
+
+    __slots__ = (
+        "index", "pid", "last_words", "started", "restarts", "start_failures", "backoff_s",
+        "restart_at", "finished", "status",
+    )  # fmt: skip
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.pid = 0
+        self.last_words: LastWords | None = None
+        self.started = 0.0
+        self.restarts = 0
+        self.start_failures = 0
+        self.backoff_s = 0.0
+        self.restart_at: float | None = None
+        self.finished = False
+        self.status = 0
 
 
 def _status_of(wait_status: int) -> int:
@@ -132,6 +137,11 @@ class Supervisor:
             signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
         )
         try:
+            if self.stopping:
+                # A stop that came before this fork (say, between two slots of start())
+                # signalled only the workers that existed then: do not start another.
+                slot.finished = True
+                return
             pid = os.fork()
             if pid == 0:  # the child
                 status = 1

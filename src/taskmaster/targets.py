@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import TargetError
 
@@ -26,8 +24,7 @@ COUNT_JOBS = "count_jobs"
 INIT_WORKER = "init_worker"
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """A parsed target: where the module is and which function was named, if any."""
 
     spec: str
@@ -171,14 +168,12 @@ def load_function(target: Target, name: str, *, required: bool = True) -> Callab
     return func  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True)
-class MasterCallables:
+class MasterCallables(NamedTuple):
     get_jobs: Callable[..., Any]
     count_jobs: Callable[..., Any] | None
 
 
-@dataclass(frozen=True)
-class WorkerCallables:
+class WorkerCallables(NamedTuple):
     handle_job: Callable[..., Any]
     init_worker: Callable[[], Any] | None
 
@@ -204,6 +199,8 @@ def accepts_last(get_jobs: Callable[..., Any]) -> bool:
     A bare ``**kwargs`` does not count: such a function never asked for ``last``, so it is
     resumed by replaying its already-done prefix instead.
     """
+    import inspect  # 3 ms to import, and only a resume asks
+
     try:
         params = inspect.signature(get_jobs).parameters
     except (TypeError, ValueError):

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -231,7 +230,7 @@ class Session(threading.Thread):
         credit = max(0, self.window() - held)
         self.granted = self._finished() + held + credit
         hello = protocol.hello(
-            socket.gethostname(), os.getpid(), self.slots, credit, self.predecessor_died
+            os.uname().nodename, os.getpid(), self.slots, credit, self.predecessor_died
         )
         self.transport.send(hello)
         self._last_hello = now
@@ -427,7 +426,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 if session.exit_status is None:
                     transport.send(protocol.bye("interrupted"))
-                transport.close()
+                # Nothing queued here matters to a master that never welcomed us (say, one
+                # that failed to open its state file): leave at once rather than linger.
+                transport.close(linger_s=2.0 if session.welcomed else 0.0)
             os.close(wake_r)
             os.close(wake_w)
         status = session.exit_status if session.exit_status is not None else EXIT_OK

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import re
@@ -44,9 +43,7 @@ SNAP = Snapshot(
     rate=4_321.0,
     stalled=None,
 )
-STALLED = dataclasses.replace(
-    SNAP, stalled=StalledJob(job_id=1234, worker="host:4242", running_s=42)
-)
+STALLED = SNAP._replace(stalled=StalledJob(job_id=1234, worker="host:4242", running_s=42))
 COUNTERS = "buffered 812/10,000 · in flight 64 · workers 4 · failed 3 · retried 1 · duplicates 0"
 
 SUMMARY = Summary(
@@ -161,14 +158,14 @@ def test_log_reporter_without_start_waits_an_interval_from_first_update() -> Non
 
 def test_log_lines_unknown_total_stall_and_phases() -> None:
     reporter = LogReporter(io.StringIO())
-    no_total = dataclasses.replace(STALLED, total=None)
+    no_total = STALLED._replace(total=None)
     assert reporter.lines(no_total) == [
         f"taskmaster: 12,345 done · 4,321/s · elapsed 1m02s · {COUNTERS}",
         "taskmaster: ⚠ oldest job 1234 on host:4242 running for 42s",
     ]
-    (line,) = reporter.lines(dataclasses.replace(SNAP, phase="stopping"))
+    (line,) = reporter.lines(SNAP._replace(phase="stopping"))
     assert line.startswith("taskmaster: stopping · 12,345/100,000 done")
-    replay = dataclasses.replace(SNAP, phase="replaying", done_at_start=9_000, replayed=500)
+    replay = SNAP._replace(phase="replaying", done_at_start=9_000, replayed=500)
     (line,) = reporter.lines(replay)
     assert line.startswith("taskmaster: replaying 9,000 jobs already done… 500 skipped · ")
 
@@ -179,7 +176,7 @@ def test_log_reporter_falls_back_to_ascii_on_a_narrow_encoding() -> None:
     reporter = LogReporter(stream, interval_s=0.0)
     reporter.update(STALLED)
     reporter.update(STALLED)
-    reporter.finish(dataclasses.replace(SUMMARY, failed=2), STALLED)
+    reporter.finish(SUMMARY._replace(failed=2), STALLED)
     text = raw.getvalue().decode("ascii")
     assert "12,345/100,000 done (12.3%) | 4,321/s" in text
     assert "taskmaster: ! oldest job 1234" in text
@@ -207,27 +204,27 @@ def test_summary_ok() -> None:
 
 
 def test_summary_resumed_run_rates_only_this_run() -> None:
-    (line,) = format_summary(dataclasses.replace(SUMMARY, done_this_run=3_200, retried=2))
+    (line,) = format_summary(SUMMARY._replace(done_this_run=3_200, retried=2))
     assert line.startswith("done: 20,000 jobs (3,200 this run) in 3.2s (1,000/s) · failed 0")
     assert "retried 2" in line
 
 
 def test_summary_failed() -> None:
-    lines = format_summary(dataclasses.replace(SUMMARY, failed=3))
+    lines = format_summary(SUMMARY._replace(failed=3))
     assert "failed 3" in lines[0]
     assert lines[1] == "3 jobs failed: list them with `tm failures tasks.py`"
-    (_, one) = format_summary(dataclasses.replace(SUMMARY, failed=1))
+    (_, one) = format_summary(SUMMARY._replace(failed=1))
     assert one.startswith("1 job failed:")
 
 
 def test_summary_interrupted() -> None:
-    lines = format_summary(dataclasses.replace(SUMMARY, interrupted=True, failed=1))
+    lines = format_summary(SUMMARY._replace(interrupted=True, failed=1))
     assert lines[-1] == "interrupted: resumable, run the same command again"
     assert len(lines) == 3
 
 
 def test_summary_already_complete() -> None:
-    summary = dataclasses.replace(SUMMARY, already_complete=True, done_this_run=0, elapsed_s=0.0)
+    summary = SUMMARY._replace(already_complete=True, done_this_run=0, elapsed_s=0.0)
     assert format_summary(summary) == [
         "already complete: 20,000 jobs done, nothing to run (use --reset to start over)"
     ]
@@ -239,10 +236,8 @@ def test_null_reporter_prints_only_the_summary() -> None:
     reporter.start()
     reporter.update(STALLED)
     assert out.getvalue() == ""
-    reporter.finish(dataclasses.replace(SUMMARY, interrupted=True), STALLED)
-    assert out.getvalue().splitlines() == format_summary(
-        dataclasses.replace(SUMMARY, interrupted=True)
-    )
+    reporter.finish(SUMMARY._replace(interrupted=True), STALLED)
+    assert out.getvalue().splitlines() == format_summary(SUMMARY._replace(interrupted=True))
 
 
 # --- rich reporter ---------------------------------------------------------------------------
@@ -261,7 +256,7 @@ def test_rich_render_with_total() -> None:
 
 def test_rich_render_without_total() -> None:
     console, out = terminal()
-    console.print(RichReporter(console).render(dataclasses.replace(SNAP, total=None)))
+    console.print(RichReporter(console).render(SNAP._replace(total=None)))
     text = plain(out.getvalue())
     assert "12,345 done · 4,321/s · elapsed 1m02s" in text
     assert "%" not in text
@@ -275,7 +270,7 @@ def test_rich_render_stall_line_in_yellow() -> None:
 
 def test_rich_render_workers_table() -> None:
     rows = tuple(WorkerRow(f"w{i}", f"node{i}", 4000 + i, 1_500 * i, 812.0, 0.4) for i in range(3))
-    snap = dataclasses.replace(SNAP, worker_rows=rows)
+    snap = SNAP._replace(worker_rows=rows)
     console, out = terminal()
     console.print(RichReporter(console, workers_table=True).render(snap))
     text = plain(out.getvalue())
@@ -290,7 +285,7 @@ def test_rich_render_workers_table() -> None:
 def test_rich_render_caps_the_workers_table() -> None:
     rows = tuple(WorkerRow(f"w{i}", "node", i, 0, 0.0, 1.0) for i in range(25))
     console, out = terminal()
-    snap = dataclasses.replace(SNAP, worker_rows=rows)
+    snap = SNAP._replace(worker_rows=rows)
     console.print(RichReporter(console, workers_table=True).render(snap))
     text = plain(out.getvalue())
     assert "w19" in text
@@ -301,10 +296,10 @@ def test_rich_render_caps_the_workers_table() -> None:
 def test_rich_render_phases() -> None:
     console, out = terminal()
     reporter = RichReporter(console)
-    replay = dataclasses.replace(SNAP, phase="replaying", done_at_start=9_000, replayed=500)
+    replay = SNAP._replace(phase="replaying", done_at_start=9_000, replayed=500)
     console.print(reporter.render(replay))
-    console.print(reporter.render(dataclasses.replace(SNAP, phase="stopping")))
-    console.print(reporter.render(dataclasses.replace(SNAP, total=0, done=0, phase="draining")))
+    console.print(reporter.render(SNAP._replace(phase="stopping")))
+    console.print(reporter.render(SNAP._replace(total=0, done=0, phase="draining")))
     text = plain(out.getvalue())
     assert "replaying 9,000 jobs already done… 500 skipped" in text
     assert "stopping: waiting for 64 jobs in flight…" in text
@@ -329,8 +324,8 @@ def test_rich_reporter_lifecycle_draws_last_frame_then_summary() -> None:
     reporter = RichReporter(console, refresh_per_second=1.0)
     reporter.start()
     reporter.update(SNAP)
-    last = dataclasses.replace(SNAP, done=100_000, in_flight=0, buffered=0)
-    reporter.finish(dataclasses.replace(SUMMARY, failed=3), last)
+    last = SNAP._replace(done=100_000, in_flight=0, buffered=0)
+    reporter.finish(SUMMARY._replace(failed=3), last)
     raw = out.getvalue()
     assert "\x1b[?25h" in raw  # cursor shown again
     text = plain(raw)
@@ -342,7 +337,7 @@ def test_rich_reporter_lifecycle_draws_last_frame_then_summary() -> None:
 
 def test_rich_finish_without_start_prints_summary() -> None:
     console, out = terminal()
-    RichReporter(console).finish(dataclasses.replace(SUMMARY, interrupted=True), None)
+    RichReporter(console).finish(SUMMARY._replace(interrupted=True), None)
     assert "interrupted: resumable, run the same command again" in plain(out.getvalue())
 
 
@@ -418,7 +413,7 @@ def test_rich_reporter_sends_log_records_through_the_console_while_live() -> Non
 
 def test_no_stall_shown_once_nothing_is_in_flight() -> None:
     # The master hears that the slow job ended (its ack) before it hears the worker is idle.
-    over = dataclasses.replace(STALLED, in_flight=0)
+    over = STALLED._replace(in_flight=0)
     assert len(LogReporter(io.StringIO()).lines(over)) == 1
     console, out = terminal()
     console.print(RichReporter(console).render(over))
@@ -426,6 +421,6 @@ def test_no_stall_shown_once_nothing_is_in_flight() -> None:
 
 
 def test_eta_counts_failed_jobs_as_finished() -> None:
-    snap = dataclasses.replace(SNAP, done=90_000, failed=5_000, rate=1_000.0)
+    snap = SNAP._replace(done=90_000, failed=5_000, rate=1_000.0)
     (line,) = LogReporter(io.StringIO()).lines(snap)
     assert "90,000/100,000 done (90.0%) · 1,000/s · eta 5.0s" in line

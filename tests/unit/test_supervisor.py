@@ -290,3 +290,20 @@ def _wait_status(pid: int, timeout: float) -> int:
             return os.waitstatus_to_exitcode(status)
         time.sleep(0.01)
     raise AssertionError(f"pid {pid} did not exit within {timeout}s")
+
+
+def test_a_stop_before_a_slot_starts_leaves_it_unstarted(tmp_path: Path) -> None:
+    # tm-run stops its supervisor as soon as the master fails (say, on a corrupt state file),
+    # possibly between two forks of start(): a worker forked after the stop would never hear
+    # it, and would be killed after the grace with a warning.
+    up = tmp_path / "up"
+
+    def main(index: int) -> int:
+        mark(up, str(index))
+        return 0
+
+    sup = Supervisor(2, main)
+    sup.request_stop(signal.SIGTERM)
+    assert sup.run() == EXIT_OK
+    assert all(slot.finished and slot.pid == 0 for slot in sup.slots)
+    assert lines(up) == []
