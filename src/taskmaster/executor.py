@@ -13,7 +13,6 @@ import threading
 import time
 import traceback as tb_module
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -38,19 +37,24 @@ _loads = pickle.loads
 _monotonic = time.monotonic
 
 
-@dataclass(slots=True)
 class Batch:
     """Jobs from one JOBS message: per-job pickles, or pickled lists of jobs (packed)."""
 
-    seq: int
-    ids: int | list[int]
-    payloads: list[bytes]
-    count: int = -1
-    packed: bool = False  # each payload is a pickled list of jobs
+    __slots__ = ("seq", "ids", "payloads", "count", "packed")
 
-    def __post_init__(self) -> None:
-        if self.count < 0:
-            self.count = len(self.payloads)
+    def __init__(
+        self,
+        seq: int,
+        ids: int | list[int],
+        payloads: list[bytes],
+        count: int = -1,
+        packed: bool = False,  # each payload is a pickled list of jobs
+    ) -> None:
+        self.seq = seq
+        self.ids = ids
+        self.payloads = payloads
+        self.count = count if count >= 0 else len(payloads)
+        self.packed = packed
 
     def job_id(self, offset: int) -> int:
         ids = self.ids

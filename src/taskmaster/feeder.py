@@ -26,6 +26,9 @@ MAX_CHUNK = 4096
 # reach workers promptly.
 CHUNK_FLUSH_S = 0.005
 REPLAY_STEP = 100_000
+# Credit from which a chunk may overshoot it rather than be split (see Feeder.take). Windows
+# this big only come with fast jobs, so the extra queued work is a few ms at most.
+OVERSHOOT_MIN = 64
 # Packed chunks stop growing past this size, so big jobs travel in small messages.
 CHUNK_BYTES = 1024 * 1024
 
@@ -251,9 +254,17 @@ class Feeder(threading.Thread):
         """The generator is finished (or failed) and every chunk has been taken."""
         return self.exhausted and not self._buffered
 
-    def take(self, n: int) -> list[Chunk]:
-        """Remove up to ``n`` jobs from the buffer, as chunks of consecutive ids."""
+    def take(self, n: int, *, split: bool = True) -> list[Chunk]:
+        """Remove about ``n`` jobs from the buffer, as chunks of consecutive ids.
+
+        Chunks come whole while they fit in ``n`` or, when ``n`` is big (fast jobs), in twice
+        ``n``: splitting a chunk costs an unpickle and re-pickles, and credits rarely line up
+        with chunks. The worker's credit goes below zero and its next grants pay that back.
+        A chunk too big even for that is split to fit, unless ``split`` is false: then the
+        rest of the credit waits for the worker's next ack.
+        """
         out: list[Chunk] = []
+        overshoot = n if n >= OVERSHOOT_MIN else 0
         with self._cond:
             if self._bad:
                 # Jobs after a bad one wait until the master has taken (and resolved) it:
@@ -261,13 +272,16 @@ class Feeder(threading.Thread):
                 # neither done nor held anywhere, and a resume would never record it.
                 return out
             chunks = self._chunks
-            while n > 0 and chunks:
+            taken = 0
+            while taken < n and chunks:
                 head = chunks[0]
-                if len(head) <= n:
+                if taken + len(head) <= n + overshoot:
                     chunks.popleft()
+                elif split:
+                    head = head.split(n - taken)
                 else:
-                    head = head.split(n)
-                n -= len(head)
+                    break
+                taken += len(head)
                 self._buffered -= len(head)
                 # Chunks whose ids continue travel in one message.
                 if not (out and out[-1].absorb(head)):

@@ -12,7 +12,10 @@ import os
 import signal
 from collections.abc import Callable
 
-from . import security
+from . import (
+    protocol,  # noqa: F401  both sides need it: loaded once, before tm-run's fork
+    security,
+)
 from .errors import TaskmasterError, UsageError
 from .options import EXIT_INTERRUPTED, MasterOptions, Outcome, WorkerOptions
 from .supervisor import Supervisor, child_slot

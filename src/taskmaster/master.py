@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from . import protocol
-from .feeder import Chunk, Feeder, safe_repr
+from .feeder import OVERSHOOT_MIN, Chunk, Feeder, safe_repr
 from .ledger import Checkpoint, CompletedSet, Ledger
 from .options import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MasterConfig
 from .progress import NullReporter, Reporter, Snapshot, StalledJob, Summary, WorkerRow
@@ -495,7 +495,9 @@ class Master:
             while worker.credit > 0 and worker.identity in workers:
                 chunk, suspect = self._next_chunk(worker, now)
                 if chunk is None:
-                    starved = True
+                    # The buffer is empty (the feeder wakes us when it is not), or the next
+                    # chunk waits for this busy worker's next ack rather than be split.
+                    starved = starved or not worker.leases or not feeder.buffered
                     break
                 self._send_chunk(worker, chunk, now, suspect)
                 if suspect:
@@ -516,7 +518,9 @@ class Master:
             if len(head) <= n:
                 return self.requeue.popleft(), False
             return head.split(n), False
-        chunks = self.feeder.take(n)
+        # A busy worker with a big window (fast jobs) acks again soon: its leftover credit
+        # can wait for a whole chunk. Small windows (slow jobs) are filled at once.
+        chunks = self.feeder.take(n, split=not worker.leases or n < OVERSHOOT_MIN)
         if not chunks:
             return None, False
         for extra in chunks[1:]:
