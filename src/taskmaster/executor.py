@@ -26,8 +26,12 @@ ACK_INTERVAL_S = 0.05
 # queue's ``low_water`` are queued (or ACK_INTERVAL_S has passed); the I/O thread sets it from
 # its window, and never below this.
 LOW_WATER_JOBS = 2
-# The serial executor reads the clock once per this many jobs.
+# The serial executor reads the clock once per this many jobs; jobs slower than SLOW_JOB_S
+# run one to a block. Below the low water mark it wakes the I/O thread mid-batch, at most
+# once per MIN_POST_GAP_S.
 CLOCK_EVERY = 32
+SLOW_JOB_S = 0.0005
+MIN_POST_GAP_S = 0.002
 
 # What a job may raise and still be a failed job rather than the end of its worker:
 # sys.exit() inside handle_job is the job's failure; Ctrl-C and SIGTERM stop the worker.
@@ -213,23 +217,25 @@ class SerialExecutor:
         handle = self.handle_job
         loads = _loads
         box = results.black_box
+        block = 1  # until the first job shows whether jobs are fast
         for batch, items, packed in batches(queue, results):
             seq = batch.seq
             id_seq = batch.id_seq()
             count = batch.count
             box[1] = seq
-            started = last_post = _monotonic()
+            started = last_post = block_start = _monotonic()
             run_start = 0  # offset where the current run of successes began
             pos = 0
             while pos < count:
                 # Jobs run in blocks with no per-job bookkeeping beyond the black box; the
-                # clock is read between blocks, enough to ack long batches as they go.
-                end = min(pos + CLOCK_EVERY, count)
+                # clock is read between blocks.
+                end = min(pos + block, count)
                 job_id = -1
                 try:
                     for job_id, item in zip(id_seq[pos:end], items[pos:end], strict=True):
                         box[0] = job_id
                         handle(item if packed else loads(item))
+                    ran = end - pos
                     pos = end
                 except JOB_ERRORS as exc:
                     box[0] = -1
@@ -237,15 +243,25 @@ class SerialExecutor:
                     self._flush_run(results, seq, id_seq, run_start, offset)
                     results.failed.append((seq, job_id, *describe_exception(exc)))
                     results.finished += 1
+                    ran = offset + 1 - pos
                     run_start = pos = offset + 1
                     results.post()
-                if _monotonic() - last_post > ACK_INTERVAL_S:
+                now = _monotonic()
+                # Slow jobs run one to a block: the bookkeeping is nothing next to them, and
+                # the I/O thread can ask for more while the batch still has work.
+                block = 1 if now - block_start > SLOW_JOB_S * max(ran, 1) else CLOCK_EVERY
+                block_start = now
+                # Acks go out while a long batch runs, and once it is down to the low water
+                # mark (counting what is queued behind it) so the next jobs arrive in time.
+                running_low = pos < count and count - pos + queue.queued_jobs < queue.low_water
+                if now - last_post > ACK_INTERVAL_S or (
+                    running_low and now - last_post > MIN_POST_GAP_S
+                ):
                     self._flush_run(results, seq, id_seq, run_start, pos)
                     run_start = pos
-                    now = _monotonic()
                     results.busy_s += now - started
                     started = last_post = now
-                    results.post()
+                    results.post(now)
             box[0] = -1
             self._flush_run(results, seq, id_seq, run_start, count)
             now = _monotonic()

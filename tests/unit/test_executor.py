@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 
+from taskmaster import executor
 from taskmaster.executor import CLOCK_EVERY, Batch, JobQueue, Results, SerialExecutor
 
 
@@ -59,3 +60,29 @@ def test_explicit_ids_keep_their_jobs_across_blocks_and_failures() -> None:
     assert failed == [i for i in ids if (i * 10) % 4 == 0 or i == ids[CLOCK_EVERY - 1]]
     assert sorted(ok + failed) == ids
     assert results.finished == len(ids)
+
+
+def test_a_batch_of_slow_jobs_asks_for_more_before_it_runs_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 5 ms jobs on a fake clock: once fewer than low_water jobs are left, each finished job
+    # is acked at once (the I/O thread then grants credit), not at the end of the batch.
+    clock = [100.0]
+    monkeypatch.setattr(executor, "_monotonic", lambda: clock[0])
+    acked_when_started: list[int] = []
+    queue = JobQueue()
+    queue.low_water = 4
+    wakes: list[int] = []
+    results = Results(lambda: wakes.append(results.finished))
+
+    def slow_job(job: int) -> None:
+        acked_when_started.append(sum(n for _, _, n in results.ok))
+        clock[0] += 0.005
+
+    queue.put(Batch(1, 0, [pickle.dumps(list(range(6)))], 6, packed=True))
+    queue.close()
+    SerialExecutor(slow_job).run(queue, results)
+    # Jobs 0-2 leave 5, 4, 3 behind them: 3 < 4 after job 2, so jobs 3, 4 and 5 each start
+    # with everything before them already acked.
+    assert acked_when_started == [0, 0, 0, 3, 4, 5]
+    assert wakes[:3] == [3, 4, 5] and results.finished == 6
