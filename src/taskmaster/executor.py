@@ -112,6 +112,7 @@ class JobQueue:
         self._closed = False
         self.queued_jobs = 0  # read without the lock: an int, only a hint
         self.low_water = LOW_WATER_JOBS  # see LOW_WATER_JOBS
+        self.post_every = 1  # finished jobs worth a mid-batch ack: the I/O thread's grant step
 
     def put(self, batch: Batch) -> None:
         with self._cond:
@@ -253,9 +254,12 @@ class SerialExecutor:
                 block_start = now
                 # Acks go out while a long batch runs, and once it is down to the low water
                 # mark (counting what is queued behind it) so the next jobs arrive in time.
+                # Each such ack is worth a grant (post_every jobs), not one message a job.
                 running_low = pos < count and count - pos + queue.queued_jobs < queue.low_water
                 if now - last_post > ACK_INTERVAL_S or (
-                    running_low and now - last_post > MIN_POST_GAP_S
+                    running_low
+                    and pos - run_start >= queue.post_every
+                    and now - last_post > MIN_POST_GAP_S
                 ):
                     self._flush_run(results, seq, id_seq, run_start, pos)
                     run_start = pos

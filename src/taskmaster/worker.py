@@ -248,7 +248,9 @@ class Session(threading.Thread):
         self._measure()
         # Ask for more while half the window is still queued: the next jobs arrive while
         # these run, rather than after the queue ran dry.
-        self.queue.low_water = max(LOW_WATER_JOBS, self.window() // 2 + 1)
+        window = self.window()
+        self.queue.low_water = max(LOW_WATER_JOBS, window // 2 + 1)
+        self.queue.post_every = max(1, (window - self.slots) // 2)
         if not self.welcomed:
             # No master now: keep the results for the next one, if it serves the same run.
             self._held_acks.extend(acks)
