@@ -413,6 +413,14 @@ def _is_coroutine_function(func: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(func)
 
 
+def preload(handle_job: Callable[[Any], Any], *, threads: int = 1) -> None:
+    """Import what the executor for ``handle_job`` will need, once, before workers fork."""
+    if _is_coroutine_function(handle_job):
+        import asyncio  # noqa: F401  13 ms: paid by the supervisor, not by each worker
+    elif threads > 1:
+        import concurrent.futures  # noqa: F401
+
+
 def make_executor(
     handle_job: Callable[[Any], Any], *, threads: int = 1, concurrency: int = 1
 ) -> SerialExecutor | ThreadExecutor | AsyncExecutor:

@@ -27,8 +27,9 @@ MAX_CHUNK = 4096
 CHUNK_FLUSH_S = 0.005
 REPLAY_STEP = 100_000
 # Credit from which a chunk may overshoot it rather than be split (see Feeder.take). Windows
-# this big only come with fast jobs, so the extra queued work is a few ms at most.
-OVERSHOOT_MIN = 64
+# this big only come with very fast jobs (a 30 ms prefetch of jobs under 30 us), where a
+# split's cost matters; slower jobs keep exact fills, so the last ones spread evenly.
+OVERSHOOT_MIN = 1024
 # Packed chunks stop growing past this size, so big jobs travel in small messages.
 CHUNK_BYTES = 1024 * 1024
 
@@ -254,14 +255,15 @@ class Feeder(threading.Thread):
         """The generator is finished (or failed) and every chunk has been taken."""
         return self.exhausted and not self._buffered
 
-    def take(self, n: int, *, split: bool = True) -> list[Chunk]:
+    def take(self, n: int, *, wait_up_to: int = 0) -> list[Chunk]:
         """Remove about ``n`` jobs from the buffer, as chunks of consecutive ids.
 
         Chunks come whole while they fit in ``n`` or, when ``n`` is big (fast jobs), in twice
         ``n``: splitting a chunk costs an unpickle and re-pickles, and credits rarely line up
         with chunks. The worker's credit goes below zero and its next grants pay that back.
-        A chunk too big even for that is split to fit, unless ``split`` is false: then the
-        rest of the credit waits for the worker's next ack.
+        A chunk too big even for that is split to fit, unless it would fit twice
+        ``wait_up_to`` (a busy worker's window): then the rest of the credit waits for the
+        worker's next ack and a bigger grant.
         """
         out: list[Chunk] = []
         overshoot = n if n >= OVERSHOOT_MIN else 0
@@ -277,7 +279,7 @@ class Feeder(threading.Thread):
                 head = chunks[0]
                 if taken + len(head) <= n + overshoot:
                     chunks.popleft()
-                elif split:
+                elif len(head) > 2 * wait_up_to:
                     head = head.split(n - taken)
                 else:
                     break

@@ -59,6 +59,9 @@ def spawn_workers(options: WorkerOptions, n: int) -> int:
     if n < 1:
         raise UsageError("the number of workers must be at least 1")
     from . import worker as _preload  # noqa: F401  imported once here, not in each child
+    from .executor import preload
+
+    preload(options.handle_job, threads=options.threads)
 
     security.check_libzmq()
     address = security.normalize_address(options.address)
@@ -141,6 +144,9 @@ def _supervise_after_address(read_fd: int, worker: WorkerOptions, n: int) -> Non
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides; then it stops us
         from . import worker as _preload  # noqa: F401  loaded here once, not in each worker
+        from .executor import preload
+
+        preload(worker.handle_job, threads=worker.threads)
 
         with os.fdopen(read_fd, "rb") as pipe:
             line = pipe.readline().decode().strip()

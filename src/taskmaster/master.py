@@ -519,8 +519,11 @@ class Master:
                 return self.requeue.popleft(), False
             return head.split(n), False
         # A busy worker with a big window (fast jobs) acks again soon: its leftover credit
-        # can wait for a whole chunk. Small windows (slow jobs) are filled at once.
-        chunks = self.feeder.take(n, split=not worker.leases or n < OVERSHOOT_MIN)
+        # can wait for a whole chunk that fits its window. Small windows are filled at once.
+        window = 0
+        if worker.leases and n >= OVERSHOOT_MIN:
+            window = worker.credit + sum(self.leases[s].remaining for s in worker.leases)
+        chunks = self.feeder.take(n, wait_up_to=window)
         if not chunks:
             return None, False
         for extra in chunks[1:]:
