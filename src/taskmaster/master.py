@@ -522,7 +522,10 @@ class Master:
         # can wait for a whole chunk that fits its window. Small windows are filled at once.
         window = 0
         if worker.leases and n >= OVERSHOOT_MIN:
-            window = worker.credit + sum(self.leases[s].remaining for s in worker.leases)
+            leases = self.leases
+            window = worker.credit + sum(
+                lease.remaining for seq in worker.leases if (lease := leases.get(seq))
+            )
         chunks = self.feeder.take(n, wait_up_to=window)
         if not chunks:
             return None, False
