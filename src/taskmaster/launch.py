@@ -168,22 +168,40 @@ def _supervise_after_address(read_fd: int, worker: WorkerOptions, n: int) -> Non
 
 def _stop_child(pid: int, wait_first_s: float) -> None:
     """Stop tm-run's worker supervisor (its workers were told the run is over or paused)."""
-    import time
-
-    deadline = time.monotonic() + wait_first_s
-    while time.monotonic() < deadline:
-        if os.waitpid(pid, os.WNOHANG)[0]:
-            return
-        time.sleep(0.002)
+    if _reaped_within(pid, wait_first_s):
+        return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return
-        time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    if not _reaped_within(pid, 10.0):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def _reaped_within(pid: int, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for child ``pid`` to exit; reap it and say whether it did."""
+    import select
+    import time
+
+    if os.waitpid(pid, os.WNOHANG)[0]:
+        return True
+    if timeout_s <= 0:
+        return False
+    try:
+        fd = os.pidfd_open(pid)  # readable when the child exits: no polling delay
+    except (AttributeError, OSError):
+        fd = -1
+    deadline = time.monotonic() + timeout_s
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            if fd >= 0:
+                select.select([fd], [], [], left)
+            else:
+                time.sleep(min(left, 0.002))
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return True
+        return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
