@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
+import time
 from collections.abc import Callable
 
 from . import (
@@ -54,15 +56,19 @@ def _worker_main(options: WorkerOptions) -> Callable[[int], int]:
     return main
 
 
-def spawn_workers(options: WorkerOptions, n: int) -> int:
-    """``tm-spawn``: N workers, restarted when one dies; the combined exit status."""
-    if n < 1:
-        raise UsageError("the number of workers must be at least 1")
-    from . import worker as _preload  # noqa: F401  imported once here, not in each child
+def _load_worker_side(options: WorkerOptions) -> None:
+    """Import the worker and what its executor needs once, in the parent of the workers."""
+    from . import worker as _  # noqa: F401  not in tm-run's master: it loads after the fork
     from .executor import preload
 
     preload(options.handle_job, threads=options.threads)
 
+
+def spawn_workers(options: WorkerOptions, n: int) -> int:
+    """``tm-spawn``: N workers, restarted when one dies; the combined exit status."""
+    if n < 1:
+        raise UsageError("the number of workers must be at least 1")
+    _load_worker_side(options)
     security.check_libzmq()
     address = security.normalize_address(options.address)
     options.address = address
@@ -143,11 +149,7 @@ def _supervise_after_address(read_fd: int, worker: WorkerOptions, n: int) -> Non
     status = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides; then it stops us
-        from . import worker as _preload  # noqa: F401  loaded here once, not in each worker
-        from .executor import preload
-
-        preload(worker.handle_job, threads=worker.threads)
-
+        _load_worker_side(worker)
         with os.fdopen(read_fd, "rb") as pipe:
             line = pipe.readline().decode().strip()
         if not line:
@@ -181,9 +183,6 @@ def _stop_child(pid: int, wait_first_s: float) -> None:
 
 def _reaped_within(pid: int, timeout_s: float) -> bool:
     """Wait up to ``timeout_s`` for child ``pid`` to exit; reap it and say whether it did."""
-    import select
-    import time
-
     if os.waitpid(pid, os.WNOHANG)[0]:
         return True
     if timeout_s <= 0:

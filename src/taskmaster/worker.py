@@ -110,13 +110,17 @@ class Session(threading.Thread):
     def _finished(self) -> int:
         return self.results.finished + self.dropped
 
-    def _grant(self) -> int:
+    def _grant_step(self, window: int) -> int:
+        """The least credit worth a message on its own: half the prefetch."""
+        return max(1, (window - self.slots) // 2)
+
+    def _grant(self, window: int | None = None) -> int:
         """Credit to grant now: the window minus what the master may still send or we hold."""
-        window = self.window()
+        if window is None:
+            window = self.window()
         claim = self.granted - self._finished()
         grant = window - claim
-        threshold = max(1, (window - self.slots) // 2)
-        if grant >= threshold or (grant > 0 and claim < self.slots):
+        if grant >= self._grant_step(window) or (grant > 0 and claim < self.slots):
             self.granted += grant
             return grant
         return 0
@@ -250,13 +254,13 @@ class Session(threading.Thread):
         # these run, rather than after the queue ran dry.
         window = self.window()
         self.queue.low_water = max(LOW_WATER_JOBS, window // 2 + 1)
-        self.queue.post_every = max(1, (window - self.slots) // 2)
+        self.queue.post_every = self._grant_step(window)
         if not self.welcomed:
             # No master now: keep the results for the next one, if it serves the same run.
             self._held_acks.extend(acks)
             self._held_failures.extend(failures)
             return
-        credit = self._grant()
+        credit = self._grant(window)
         if acks or failures or credit:
             self._send_acks(credit, _merge(acks), failures)
 

@@ -39,14 +39,20 @@ async def record_job_async(job: int) -> None:
     record_job(job)
 
 
+@pytest.fixture
+def record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The file the jobs append their ids to, in a fresh working directory."""
+    path = tmp_path / "record.txt"
+    monkeypatch.setenv("TM_API_RECORD", str(path))
+    monkeypatch.chdir(tmp_path)
+    return path
+
+
 def ran(record: Path) -> list[int]:
     return sorted(int(line) for line in record.read_text().split()) if record.exists() else []
 
 
-def test_run_does_every_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    record = tmp_path / "record.txt"
-    monkeypatch.setenv("TM_API_RECORD", str(record))
-    monkeypatch.chdir(tmp_path)
+def test_run_does_every_job(tmp_path: Path, record: Path) -> None:
     result = taskmaster.run(
         get_jobs, record_job, workers=2, state=tmp_path / "s.db", progress="none"
     )
@@ -57,12 +63,7 @@ def test_run_does_every_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert ran(record) == list(range(N))
 
 
-def test_run_again_after_completion_does_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    record = tmp_path / "record.txt"
-    monkeypatch.setenv("TM_API_RECORD", str(record))
-    monkeypatch.chdir(tmp_path)
+def test_run_again_after_completion_does_nothing(tmp_path: Path, record: Path) -> None:
     state = tmp_path / "s.db"
     first = taskmaster.run(get_jobs, record_job, workers=1, state=state, progress="none")
     assert first.ok
@@ -71,10 +72,7 @@ def test_run_again_after_completion_does_nothing(
     assert ran(record) == list(range(N)), "nothing ran twice"
 
 
-def test_run_reports_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    record = tmp_path / "record.txt"
-    monkeypatch.setenv("TM_API_RECORD", str(record))
-    monkeypatch.chdir(tmp_path)
+def test_run_reports_failures(tmp_path: Path, record: Path) -> None:
     result = taskmaster.run(
         get_jobs, fail_on_sevens, workers=2, state=tmp_path / "s.db", progress="none"
     )
@@ -90,11 +88,8 @@ def test_run_reports_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     ids=["threads", "async"],
 )
 def test_run_with_concurrent_executors(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handle: object, options: dict[str, int]
+    tmp_path: Path, record: Path, handle: object, options: dict[str, int]
 ) -> None:
-    record = tmp_path / "record.txt"
-    monkeypatch.setenv("TM_API_RECORD", str(record))
-    monkeypatch.chdir(tmp_path)
     result = taskmaster.run(
         get_jobs, handle, workers=2, state=tmp_path / "s.db", progress="none", **options
     )

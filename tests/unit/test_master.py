@@ -161,11 +161,16 @@ class Harness:
         self.workers.append(worker)
         return worker
 
-    def leased(self, credit: int) -> tuple[FakeWorker, Batch]:
-        """A new worker that said HELLO with ``credit`` and got its first batch."""
+    def joined(self, credit: int) -> FakeWorker:
+        """A new worker that said HELLO with ``credit``, after the master's step."""
         worker = self.worker()
         worker.hello(credit=credit)
         self.step()
+        return worker
+
+    def leased(self, credit: int) -> tuple[FakeWorker, Batch]:
+        """A new worker that said HELLO with ``credit`` and got its first batch."""
+        worker = self.joined(credit)
         return worker, worker.one_batch()
 
     def step(self, advance: float = 0.0) -> None:
@@ -243,9 +248,7 @@ def lose(h: Harness, worker: FakeWorker) -> None:
 
 def test_hello_is_welcomed_with_the_config(make: Callable[..., Harness]) -> None:
     h = make(heartbeat_s=0.25, liveness_s=2.0, timeout_s=9.0)
-    w = h.worker()
-    w.hello(credit=0)
-    h.step()
+    w = h.joined(credit=0)
     welcome = h.transport.take(w.identity, protocol.WELCOME)
     assert welcome == [
         [
@@ -292,9 +295,7 @@ def test_a_batch_uses_at_most_max_batch_credit(make: Callable[..., Harness]) -> 
     # whole, so a message carries at most twice that.
     n = 3 * MAX_BATCH + 100
     h = make(range(n), size=n + 1)
-    w = h.worker()
-    w.hello(credit=n)
-    h.step()
+    w = h.joined(credit=n)
     sizes = [len(b.ids) for b in w.batches()]
     assert sum(sizes) == n and len(sizes) >= 2
     assert max(sizes) <= 2 * MAX_BATCH
@@ -303,9 +304,7 @@ def test_a_batch_uses_at_most_max_batch_credit(make: Callable[..., Harness]) -> 
 
 def test_contiguous_batches_travel_as_a_first_id(make: Callable[..., Harness]) -> None:
     h = make(range(5))
-    w = h.worker()
-    w.hello(credit=5)
-    h.step()
+    w = h.joined(credit=5)
     [jobs] = h.transport.take(w.identity, protocol.JOBS)
     assert jobs[2] == 0, "a contiguous batch names its first id only"
     assert protocol.job_count(jobs[4]) == 5 and protocol.decode_jobs(jobs)[2] == [0, 1, 2, 3, 4]
@@ -375,9 +374,7 @@ def test_a_repeated_partial_ack_does_not_release_the_rest_of_the_lease(
 
 def test_ack_credit_is_added_to_the_worker(make: Callable[..., Harness]) -> None:
     h = make(range(0))
-    w = h.worker()
-    w.hello(credit=2)
-    h.step()
+    w = h.joined(credit=2)
     w.ack(credit=5)
     h.step()
     assert h.master.workers[w.identity].credit == 7
@@ -461,9 +458,7 @@ def test_a_timeout_is_not_retried(make: Callable[..., Harness]) -> None:
 
 def test_failure_for_an_unknown_lease_is_ignored(make: Callable[..., Harness]) -> None:
     h = make(range(1))
-    w = h.worker()
-    w.hello(credit=0)
-    h.step()
+    w = h.joined(credit=0)
     w.ack(failures=[(424242, 0, "ValueError", "old master's job", "")])
     h.step()
     assert h.master.state.failed == 0
@@ -482,9 +477,7 @@ def test_failure_after_success_keeps_the_success(make: Callable[..., Harness]) -
 
 def test_bad_jobs_from_the_feeder_are_recorded(make: Callable[..., Harness]) -> None:
     h = make([1, lambda: None, 3])  # a lambda cannot be pickled
-    w = h.worker()
-    w.hello(credit=10)
-    h.step()
+    w = h.joined(credit=10)
     batches = w.batches()
     ids = [i for b in batches for i in b.ids]
     assert ids == [0, 2]
@@ -501,9 +494,7 @@ def test_bad_jobs_from_the_feeder_are_recorded(make: Callable[..., Harness]) -> 
 
 def test_heartbeats_keep_a_worker_alive(make: Callable[..., Harness]) -> None:
     h = make(range(3))
-    w = h.worker()
-    w.hello(credit=3)
-    h.step()
+    w = h.joined(credit=3)
     for _ in range(20):
         w.heartbeat(running=0, running_s=1.0)
         h.step(1.0)
@@ -515,17 +506,13 @@ def test_silent_worker_is_lost_and_its_jobs_become_single_suspects(
     make: Callable[..., Harness],
 ) -> None:
     h = make(range(3))
-    w1 = h.worker()
-    w1.hello(credit=3)
-    h.step()
+    w1 = h.joined(credit=3)
     assert w1.one_batch().ids == [0, 1, 2]
     lose(h, w1)
     assert h.master.in_flight == 0
     assert [c.id_list() for c in h.master.suspects] == [[0], [1], [2]]
     assert h.master.attempts == {}, "the first loss blames no job"
-    w2 = h.worker()
-    w2.hello(credit=10)
-    h.step()
+    w2 = h.joined(credit=10)
     # One suspect at a time, and only to a worker that holds nothing else.
     assert w2.one_batch().ids == [0]
     assert h.master.leases[next(iter(h.master.leases))].suspect
@@ -534,15 +521,11 @@ def test_silent_worker_is_lost_and_its_jobs_become_single_suspects(
 def test_a_big_lost_batch_is_one_suspect_group_then_halved(make: Callable[..., Harness]) -> None:
     n = 4 * SUSPECT_SINGLES
     h = make(range(n))
-    w1 = h.worker()
-    w1.hello(credit=n)
-    h.step()
+    w1 = h.joined(credit=n)
     assert len(w1.one_batch().ids) == n
     lose(h, w1)
     assert [len(c) for c in h.master.suspects] == [n]
-    w2 = h.worker()
-    w2.hello(credit=n)
-    h.step()
+    w2 = h.joined(credit=n)
     assert len(w2.one_batch().ids) == n
     lose(h, w2)
     assert [len(c) for c in h.master.suspects] == [n // 2, n // 2]
@@ -556,9 +539,7 @@ def test_a_job_that_kills_its_workers_is_recorded_as_worker_lost(
     for _ in range(10):
         if h.master.finished:
             break
-        w = h.worker()
-        w.hello(credit=1)
-        h.step()
+        w = h.joined(credit=1)
         batch = w.one_batch()
         assert batch.ids == [0]
         runs += 1
@@ -579,9 +560,7 @@ def test_a_poison_job_runs_at_most_max_attempts_times(make: Callable[..., Harnes
     h = make(["poison"], max_attempts=3)
     runs = 0
     while not h.master.finished and runs < 10:
-        w = h.worker()
-        w.hello(credit=1)
-        h.step()
+        w = h.joined(credit=1)
         w.one_batch()
         runs += 1
         lose(h, w)
@@ -644,22 +623,16 @@ def test_a_suspect_sent_to_an_already_silent_worker_is_not_blamed(
 
 def test_a_suspect_travels_alone(make: Callable[..., Harness]) -> None:
     h = make(range(10))
-    w1 = h.worker()
-    w1.hello(credit=1)
-    h.step()
+    w1 = h.joined(credit=1)
     w1.one_batch()
     lose(h, w1)
-    w2 = h.worker()
-    w2.hello(credit=5)
-    h.step()
+    w2 = h.joined(credit=5)
     assert [b.ids for b in w2.batches()] == [[0]]
 
 
 def test_a_suspect_that_succeeds_clears_the_way(make: Callable[..., Harness]) -> None:
     h = make(range(2))
-    w1 = h.worker()
-    w1.hello(credit=2)
-    h.step()
+    w1 = h.joined(credit=2)
     w1.one_batch()
     lose(h, w1)
     w2, first = h.leased(credit=1)
@@ -682,9 +655,7 @@ def test_bye_requeues_at_once_without_blame(make: Callable[..., Harness]) -> Non
     assert w1.identity not in h.master.workers
     assert h.master.in_flight == 0
     assert h.master.attempts == {} and not h.master.suspects
-    w2 = h.worker()
-    w2.hello(credit=5)
-    h.step()
+    w2 = h.joined(credit=5)
     batches = w2.batches()
     assert batches[0].ids == [1, 2], "the unacknowledged rest, first and together"
     assert [i for b in batches for i in b.ids] == [1, 2, 3, 4, 5]
@@ -692,9 +663,7 @@ def test_bye_requeues_at_once_without_blame(make: Callable[..., Harness]) -> Non
 
 def test_a_second_hello_voids_the_old_session(make: Callable[..., Harness]) -> None:
     h = make(range(4))
-    w = h.worker()
-    w.hello(credit=2)
-    h.step()
+    w = h.joined(credit=2)
     assert w.one_batch().ids == [0, 1]
     w.kinds()
     w.hello(credit=4)
@@ -706,9 +675,7 @@ def test_a_second_hello_voids_the_old_session(make: Callable[..., Harness]) -> N
 
 def test_timed_out_job_of_a_lost_worker_is_recorded(make: Callable[..., Harness]) -> None:
     h = make(range(3), timeout_s=5.0)
-    w1 = h.worker()
-    w1.hello(credit=3)
-    h.step()
+    w1 = h.joined(credit=3)
     w1.one_batch()
     w1.heartbeat(running=1, running_s=4.0)
     h.step()
@@ -783,9 +750,7 @@ def test_an_unreachable_idle_worker_is_lost_by_liveness(
 ) -> None:
     # Without dispatching to the unreachable worker, the master is fine.
     h = make(range(2))
-    w = h.worker()
-    w.hello(credit=0)
-    h.step()
+    w = h.joined(credit=0)
     h.transport.unreachable.add(w.identity)
     h.step(h.master.config.liveness_s + 1)
     assert w.identity not in h.master.workers
@@ -858,9 +823,7 @@ def test_request_stop_waits_for_leases_then_pauses_with_130(make: Callable[..., 
 
 def test_request_stop_gives_up_after_the_grace_period(make: Callable[..., Harness]) -> None:
     h = make(range(3), grace_s=3.0)
-    w = h.worker()
-    w.hello(credit=3)
-    h.step()
+    w = h.joined(credit=3)
     w.one_batch()
     h.master.request_stop()
     for _ in range(2):
@@ -876,9 +839,7 @@ def test_request_stop_gives_up_after_the_grace_period(make: Callable[..., Harnes
 
 def test_second_request_stop_is_immediate(make: Callable[..., Harness]) -> None:
     h = make(range(3))
-    w = h.worker()
-    w.hello(credit=3)
-    h.step()
+    h.joined(credit=3)
     h.master.request_stop()
     h.step()
     assert not h.master.finished
@@ -889,13 +850,9 @@ def test_second_request_stop_is_immediate(make: Callable[..., Harness]) -> None:
 
 def test_hello_while_stopping_gets_welcome_and_pause(make: Callable[..., Harness]) -> None:
     h = make(range(3))
-    w1 = h.worker()
-    w1.hello(credit=3)
-    h.step()
+    h.joined(credit=3)
     h.master.request_stop()
-    w2 = h.worker()
-    w2.hello(credit=3)
-    h.step()
+    w2 = h.joined(credit=3)
     assert w2.kinds() == [protocol.WELCOME, protocol.PAUSE]
 
 
@@ -949,9 +906,7 @@ def test_resume_point_skips_acked_jobs_of_a_lease(make: Callable[..., Harness]) 
 
 def test_resume_point_is_none_when_nothing_is_held(make: Callable[..., Harness]) -> None:
     h = make(range(2))
-    w = h.worker()
-    w.hello(credit=2)
-    h.step()
+    w = h.joined(credit=2)
     w.ack_batch(w.one_batch())
     h.step()
     assert h.master.resume_point() is None
@@ -976,9 +931,7 @@ def test_checkpoint_writes_watermark_ranges_and_resume_job(make: Callable[..., H
 
 def test_resume_id_never_moves_back(make: Callable[..., Harness]) -> None:
     h = make(range(10))
-    w = h.worker()
-    w.hello(credit=4)
-    h.step()
+    w = h.joined(credit=4)
     w.ack_batch(w.one_batch())
     h.step()
     h.checkpoint()
