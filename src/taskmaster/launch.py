@@ -32,11 +32,13 @@ def run_worker(options: WorkerOptions) -> int:
 
     security.check_libzmq()
     address = security.normalize_address(options.address)
-    secret = options.secret or security.worker_secret(address, options.secret_file)
+    keys = options.keys or security.derive_keys(
+        options.secret or security.worker_secret(address, options.secret_file)
+    )
     slot = child_slot()  # set when a Supervisor forked this process
     died = slot.last_words if slot is not None else None
     worker = Worker(
-        address, security.derive_keys(secret), options.handle_job,
+        address, keys, options.handle_job,
         init_worker=options.init_worker, wait_s=options.wait_s,
         threads=options.threads, concurrency=options.concurrency,
         black_box=slot.black_box if slot is not None else None,
@@ -82,6 +84,8 @@ def master_endpoint(options: MasterOptions) -> tuple[str, security.Keys]:
     """Where the master listens and its keys; a reachable address without a secret is refused."""
     security.check_libzmq()
     address = security.normalize_address(options.address)
+    if options.keys is not None:
+        return address, options.keys
     secret = options.secret or security.master_secret(address, options.secret_file)
     return address, security.derive_keys(secret)
 
@@ -102,15 +106,18 @@ def run_all(master: MasterOptions, worker: WorkerOptions, n: int) -> Outcome:
         raise UsageError("the number of workers must be at least 1")
     security.check_libzmq()
     if master.address == security.DEFAULT_ADDRESS:
-        # Our own free loopback port, and a fresh secret nobody else needs to know.
+        # Our own free loopback port, and fresh keys nobody else needs to know.
         master.address = "tcp://127.0.0.1:*"
-        secret = master.secret or security.generate_secret()
+        if master.secret:
+            worker.secret = master.secret
+        else:
+            master.keys = worker.keys = security.fresh_keys()
     else:
         # Listening where others can reach: remote workers need the configured secret (and a
         # non-loopback address without one is refused, as for tm-master).
         address = security.normalize_address(master.address)
         secret = master.secret or security.master_secret(address, master.secret_file)
-    master.secret = worker.secret = secret
+        master.secret = worker.secret = secret
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .security import DEFAULT_ADDRESS
+from .security import DEFAULT_ADDRESS, Keys
 
 if TYPE_CHECKING:
     from .progress import Summary
@@ -95,6 +95,7 @@ class MasterOptions:
         self.address = address
         self.secret = secret
         self.secret_file = secret_file
+        self.keys: Keys | None = None  # set by tm-run for a private run: no secret to derive
         self.config = config if config is not None else MasterConfig()
         self.reset = reset
         self.retry_failed = retry_failed
@@ -124,6 +125,7 @@ class WorkerOptions:
         self.address = address
         self.secret = secret
         self.secret_file = secret_file
+        self.keys: Keys | None = None  # as MasterOptions.keys
         self.wait_s = wait_s
         self.threads = threads
         self.concurrency = concurrency

@@ -8,12 +8,9 @@ recognise the master (workers pin its public key). No secret ever appears on a c
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import ipaddress
 import logging
 import os
-import secrets
 import stat
 from pathlib import Path
 from typing import NamedTuple
@@ -42,7 +39,20 @@ class Keys(NamedTuple):
 
 def generate_secret() -> str:
     """A fresh random 256-bit secret, as 64 hex digits (what ``tm secret`` prints)."""
-    return secrets.token_hex(32)
+    return os.urandom(32).hex()  # what secrets.token_hex does, without importing hmac
+
+
+def fresh_keys() -> Keys:
+    """Random key pairs for a run whose secret nobody else needs (``tm-run`` on loopback).
+
+    Its workers are forked from the same process, so they take these keys as they are: no
+    secret to derive them from, and no OpenSSL to load (``hmac`` costs 2-3 ms at start-up).
+    """
+    import zmq
+
+    master_public, master_secret = zmq.curve_keypair()
+    worker_public, worker_secret = zmq.curve_keypair()
+    return Keys(master_public, master_secret, worker_public, worker_secret)
 
 
 def _secret_bytes(secret: str) -> bytes:
@@ -53,6 +63,10 @@ def _secret_bytes(secret: str) -> bytes:
 
 
 def derive_keys(secret: str) -> Keys:
+    """Both key pairs from the shared secret: HMAC-SHA256 of it under a fixed label each."""
+    import hashlib  # with hmac, loads OpenSSL: only runs that share a secret pay for it
+    import hmac
+
     import zmq
     from zmq.utils import z85
 
@@ -101,7 +115,7 @@ def local_secret(directory: Path | None = None) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     # A name no other process can be using (pids repeat across containers sharing a directory),
     # written in full before it becomes visible under the real name.
-    tmp = path.with_name(f".secret.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    tmp = path.with_name(f".secret.{os.getpid()}.{os.urandom(8).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, (generate_secret() + "\n").encode())

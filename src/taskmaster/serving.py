@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -35,6 +34,8 @@ def default_state_path(label: str, kwargs: dict[str, str]) -> Path:
     """``.taskmaster/<target>[-<kwargs hash>].db``: each set of kwargs resumes on its own."""
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
     if kwargs:
+        import hashlib  # loads OpenSSL (2-3 ms): only when the path comes from kwargs
+
         digest = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:10]
         name += f"-{digest}"
     return STATE_DIR / f"{name}.db"

@@ -69,6 +69,28 @@ def test_same_secret_same_keys_other_secret_other_keys() -> None:
     assert other.master_public != security.derive_keys(secret).master_public
 
 
+def test_fresh_keys_are_two_real_curve_pairs() -> None:
+    keys = security.fresh_keys()
+    assert keys.master_public == zmq.curve_public(keys.master_secret)
+    assert keys.worker_public == zmq.curve_public(keys.worker_secret)
+    assert len(set(keys)) == 4
+    assert security.fresh_keys().master_secret != keys.master_secret
+
+
+def test_the_cli_and_a_private_run_load_no_openssl() -> None:
+    # tm-run's start-up budget: hmac/hashlib load OpenSSL (2-3 ms), which only runs sharing a
+    # secret need. A fresh interpreter, so that this test process's imports do not count.
+    code = (
+        "import sys; import taskmaster.cli, taskmaster.worker, taskmaster.serving; "
+        "from taskmaster import security, transport; "
+        "keys = security.fresh_keys(); "
+        "transport.MasterTransport('tcp://127.0.0.1:*', keys).close(); "
+        "print(sorted(m for m in ('hashlib', 'hmac', 'secrets', '_hashlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_a_short_secret_is_refused() -> None:
     with pytest.raises(SecurityError, match="tm secret"):
         security.derive_keys("hunter2")
@@ -289,6 +311,26 @@ def test_master_socket_limits(master: MasterTransport) -> None:
     # ROUTER_MANDATORY is write-only: its effect is that sending to nobody fails, not drops.
     assert master.send(b"no-such-worker", b"x") is False
     assert master.unroutable == 1
+
+
+def test_a_private_run_talks_on_fresh_keys() -> None:
+    keys = security.fresh_keys()
+    master = MasterTransport("tcp://127.0.0.1:*", keys)
+    worker = WorkerTransport(master.address, keys, b"w0")
+    try:
+        worker.send(b"hello")
+        got: list[tuple[bytes, bytes]] = []
+
+        def master_heard() -> bool:
+            master.poll(0.05)
+            got.extend(master.receive())
+            return bool(got)
+
+        _until(master_heard)
+        assert got == [(b"w0", b"hello")]
+    finally:
+        worker.close()
+        master.close()
 
 
 def test_zap_accepts_only_the_worker_key(master: MasterTransport, keys: security.Keys) -> None:
