@@ -491,9 +491,15 @@ class Master:
         feeder = self.feeder
         starved = False
         workers = self.workers
+        # Once get_jobs is exhausted, what is left is shared out by slots rather than first
+        # come, first served: otherwise the worker that acks first queues the last jobs of
+        # the run while another one idles.
+        end_slots, counted = self._end_slots(), len(workers)
         for worker in list(workers.values()):
+            if len(workers) != counted:  # a failed send dropped one: share among the rest
+                end_slots, counted = self._end_slots(), len(workers)
             while worker.credit > 0 and worker.identity in workers:
-                chunk, suspect = self._next_chunk(worker, now)
+                chunk, suspect = self._next_chunk(worker, now, end_slots)
                 if chunk is None:
                     # The buffer is empty (the feeder wakes us when it is not), or the next
                     # chunk waits for this busy worker's next ack rather than be split.
@@ -504,7 +510,9 @@ class Master:
                     break  # a suspect travels alone, or a death could not be blamed on it
         feeder.waiting = starved
 
-    def _next_chunk(self, worker: WorkerState, now: float) -> tuple[Chunk | None, bool]:
+    def _next_chunk(
+        self, worker: WorkerState, now: float, end_slots: int = 0
+    ) -> tuple[Chunk | None, bool]:
         n = min(worker.credit, MAX_BATCH)
         while self.delayed and self.delayed[0][0] <= now:
             _, job_id, payload = heapq.heappop(self.delayed)
@@ -513,6 +521,10 @@ class Master:
         # death blames exactly that job.
         if self.suspects and not worker.leases:
             return self.suspects.popleft(), True
+        if end_slots:
+            n = min(n, self._end_share(worker, end_slots))
+            if n <= 0:
+                return None, False  # it holds its share: the others' acks free more
         if self.requeue:
             head = self.requeue[0]
             if len(head) <= n:
@@ -532,6 +544,21 @@ class Master:
         for extra in chunks[1:]:
             self.requeue.append(extra)
         return chunks[0], False
+
+    def _end_slots(self) -> int:
+        """All workers' slots once get_jobs is exhausted and several share the end, else 0."""
+        workers = self.workers
+        if not self.feeder.exhausted or len(workers) < 2:
+            return 0
+        return sum(w.slots for w in workers.values())
+
+    def _end_share(self, worker: WorkerState, total_slots: int) -> int:
+        """How many more jobs ``worker`` may take: its slots' share of all that is left
+        (buffered, waiting to be sent again, or out on a worker) less what it holds."""
+        leases = self.leases
+        left = self.feeder.buffered + self.in_flight + sum(len(c) for c in self.requeue)
+        held = sum(lease.remaining for seq in worker.leases if (lease := leases.get(seq)))
+        return -(-left * worker.slots // total_slots) - held
 
     def _send_chunk(self, worker: WorkerState, chunk: Chunk, now: float, suspect: bool) -> None:
         self._seq += 1

@@ -779,13 +779,52 @@ def test_finish_sends_end_and_exits_0(make: Callable[..., Harness]) -> None:
     w1.hello(credit=5)
     w2.hello(credit=5)
     h.step()
-    for batch in w1.batches():
-        w1.ack_batch(batch)
+    for w in (w1, w2):
+        for batch in w.batches():
+            w.ack_batch(batch)
     h.step()
     assert h.master.finished and h.master.exit_status == EXIT_OK
     assert protocol.END in w1.kinds() and protocol.END in w2.kinds()
     cp = h.view().checkpoint()
     assert cp.exhausted and cp.done == 5 and cp.watermark == 5
+
+
+def test_the_last_jobs_are_shared_by_slots_not_first_come(make: Callable[..., Harness]) -> None:
+    # get_jobs is exhausted: the first worker to ask must not queue the whole end of the run.
+    h = make(range(12))
+    big, small = h.worker("big"), h.worker("small")
+    big.hello(credit=100, slots=3)
+    small.hello(credit=100, slots=1)
+    h.step()
+    assert sum(len(b.ids) for b in big.batches()) == 9
+    assert sum(len(b.ids) for b in small.batches()) == 3
+
+
+def test_a_worker_that_acks_takes_its_share_of_what_is_left(
+    make: Callable[..., Harness],
+) -> None:
+    h = make(range(8))
+    w1, w2 = h.worker("w1"), h.worker("w2")
+    w1.hello(credit=2)
+    w2.hello(credit=2)
+    h.step()
+    (first,) = w1.batches()
+    w1.ack_batch(first, credit=100)  # 4 left, w2 holds 2: w1's share is 3
+    h.step()
+    assert sum(len(b.ids) for b in w1.batches()) == 3
+    (held,) = w2.batches()
+    w2.ack_batch(held, credit=100)  # the last job, and nothing left to share but it
+    h.step()
+    assert sum(len(b.ids) for b in w2.batches()) == 1
+    assert h.feeder.buffered == 0
+
+
+def test_one_worker_takes_all_it_asks_for_at_the_end(make: Callable[..., Harness]) -> None:
+    h = make(range(12))
+    w = h.worker("alone")
+    w.hello(credit=100)
+    h.step()
+    assert sum(len(b.ids) for b in w.batches()) == 12
 
 
 def test_an_empty_run_finishes_at_once(make: Callable[..., Harness]) -> None:
