@@ -86,3 +86,35 @@ def test_a_batch_of_slow_jobs_asks_for_more_before_it_runs_out(
     # with everything before them already acked.
     assert acked_when_started == [0, 0, 0, 3, 4, 5]
     assert wakes[:3] == [3, 4, 5] and results.finished == 6
+
+
+def test_the_thread_pool_waits_for_jobs_still_running_when_the_queue_closes() -> None:
+    import threading
+
+    started = threading.Event()
+
+    def slow(job: int) -> None:
+        started.set()
+        threading.Event().wait(0.2)  # a job still running when the run is told to stop
+
+    queue = JobQueue()
+    results = Results(lambda: None)
+    pool = executor.ThreadExecutor(slow, threads=4)
+    queue.put(Batch(1, 0, [pickle.dumps(0), pickle.dumps(1)]))
+    runner = threading.Thread(target=pool.run, args=(queue, results))
+    runner.start()
+    assert started.wait(10)
+    queue.close()
+    runner.join(10)
+    assert not runner.is_alive()
+    assert results.finished == 2 and pool.active == 0  # recorded before run() returned
+
+
+def test_an_idle_thread_pool_returns_with_every_result_recorded() -> None:
+    queue = JobQueue()
+    results = Results(lambda: None)
+    pool = executor.ThreadExecutor(lambda job: None, threads=8)
+    queue.put(Batch(1, 0, [pickle.dumps(i) for i in range(20)]))
+    queue.close()
+    pool.run(queue, results)
+    assert results.finished == 20 and pool.active == 0
