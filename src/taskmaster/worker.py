@@ -84,6 +84,9 @@ class Session(threading.Thread):
         self.dropped = 0
         self.job_time_s = 0.0  # mean seconds of one slot per job, measured
         self._busy_seen = 0.0
+        # Decayed sums of busy seconds and jobs finished: job_time_s is their ratio.
+        self._busy_sum = 0.0
+        self._jobs_sum = 0.0
         self._last_from_master = clock()
         self._last_hello = -math.inf
         self._contact_deadline = clock() + wait_s
@@ -291,8 +294,13 @@ class Session(threading.Thread):
         busy = self.results.busy_s - self._busy_seen
         self.finished_seen = finished
         self._busy_seen = self.results.busy_s
-        sample = max(busy / jobs, 1e-7)
-        self.job_time_s = sample if self.job_time_s == 0 else 0.7 * self.job_time_s + 0.3 * sample
+        # A ratio of decayed sums, so each sample weighs by its jobs: the first two jobs of a
+        # run (a cold start: imports, caches) no longer hold the window small for a dozen
+        # acks once thousands of fast ones have been measured. Slow jobs come a few per ack
+        # and move it over a few acks, as before.
+        self._busy_sum = 0.7 * self._busy_sum + busy
+        self._jobs_sum = 0.7 * self._jobs_sum + jobs
+        self.job_time_s = max(self._busy_sum / self._jobs_sum, 1e-7)
 
     def _tick(self, now: float) -> None:
         if now >= self._next_heartbeat:

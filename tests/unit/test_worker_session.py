@@ -133,6 +133,30 @@ def test_window_before_and_after_measuring() -> None:
     assert session.window() == MAX_WINDOW
 
 
+def _finish(session: Session, jobs: int, seconds_each: float) -> None:
+    session.results.finished += jobs
+    session.results.busy_s += jobs * seconds_each
+    session._measure()
+
+
+def test_a_slow_cold_start_does_not_hold_the_window_small() -> None:
+    session, _ = make_session()
+    _finish(session, 2, 0.001)  # the first two jobs: imports, cold caches
+    assert session.window() < 100
+    _finish(session, 4096, 1e-7)  # then thousands of fast ones
+    assert session.job_time_s < 1e-6
+    assert session.window() == MAX_WINDOW
+
+
+def test_job_time_follows_slow_jobs_over_a_few_acks() -> None:
+    session, _ = make_session()
+    _finish(session, 3, 0.005)
+    assert session.job_time_s == pytest.approx(0.005)
+    for _ in range(6):  # the jobs became four times slower
+        _finish(session, 3, 0.02)
+    assert 0.018 < session.job_time_s < 0.02
+
+
 def test_hello_grants_the_window() -> None:
     session, transport = make_session(slots=2)
     session._send_hello(session.clock())
