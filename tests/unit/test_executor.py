@@ -118,3 +118,12 @@ def test_an_idle_thread_pool_returns_with_every_result_recorded() -> None:
     queue.close()
     pool.run(queue, results)
     assert results.finished == 20 and pool.active == 0
+
+
+def test_a_packed_batch_with_explicit_ids_reports_each_job_once() -> None:
+    ids = [5 * i + 2 for i in range(CLOCK_EVERY + 9)]
+    batch = Batch(3, ids, [pickle.dumps(ids)], len(ids), packed=True)
+    results = _run(batch, _fails_on_multiples_of_7)
+    ok, failed = _outcome(results)
+    assert failed == [i for i in ids if i % 7 == 0]
+    assert sorted(ok + failed) == ids and len(ok) == len(set(ok))
