@@ -208,13 +208,15 @@ def run_peer(contestant: str, scenario: str, p: Params) -> Result:
 
 # -------------------------------------------------------------------- taskmaster
 
-TM_TASKS: dict[str, tuple[str, list[str]]] = {
-    # scenario: (tasks template in bench/tasks/, extra tm-run options)
-    "throughput": ("noop.py", []),
-    "memory": ("noop.py", ["--size", "1000"]),
-    "cpu": ("cpu.py", []),
-    "io-sleep": ("sleep.py", ["--threads", str(wl.IO_CONCURRENCY)]),
-    "io-async": ("asleep.py", ["--concurrency", str(wl.IO_CONCURRENCY)]),
+TM_TASKS: dict[str, tuple[str, list[str], list[str]]] = {
+    # scenario: (tasks template in bench/tasks/, extra get_jobs kwargs, extra tm-run options).
+    # The job source is the peers' (see workload()): range(n) for throughput, a generator
+    # for memory.
+    "throughput": ("noop.py", [], []),
+    "memory": ("noop.py", ["source=generator"], ["--size", "1000"]),
+    "cpu": ("cpu.py", [], []),
+    "io-sleep": ("sleep.py", [], ["--threads", str(wl.IO_CONCURRENCY)]),
+    "io-async": ("asleep.py", [], ["--concurrency", str(wl.IO_CONCURRENCY)]),
 }
 
 
@@ -230,11 +232,11 @@ def tm_run_command() -> list[str]:
 
 def tm_invocation(scenario: str, p: Params) -> list[str]:
     """``tm-run TASKS 2 key=value… --no-progress --state FRESH [options] [--tm-args]``."""
-    template, options = TM_TASKS[scenario]
+    template, extra_kwargs, options = TM_TASKS[scenario]
     workdir = Path(p["workdir"])
     tasks = workdir / f"tasks_{Path(template).stem}.py"
     shutil.copyfile(BENCH_DIR / "tasks" / template, tasks)
-    kwargs = [f"n={p['n']}"] + ([f"iters={p['iters']}"] if scenario == "cpu" else [])
+    kwargs = [f"n={p['n']}", *extra_kwargs] + ([f"iters={p['iters']}"] if scenario == "cpu" else [])
     state = workdir / "state.db"  # fresh per run: no resume
     return [
         *tm_run_command(),
