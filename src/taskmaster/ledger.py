@@ -10,21 +10,20 @@ No zmq, no rich here: this module is tested alone.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import fcntl
 import json
 import os
 import sqlite3
-import time
-from collections.abc import Iterable, Iterator
-from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgpack
 
-from .errors import LedgerCorrupt, LedgerError, LedgerLocked
+from .errors import LedgerCorrupt, LedgerError
+from .state import Checkpoint, CompletedSet, MasterLock, now_iso
+
+__all__ = ["Checkpoint", "CompletedSet", "Failure", "Ledger", "LedgerView", "MasterLock"]
 
 SCHEMA_VERSION = 1
 
@@ -65,145 +64,6 @@ _DDL = (
 _TABLES = {"meta", "checkpoint", "failures"}
 
 
-def _now_iso() -> str:
-    # Milliseconds: checkpoints come a few per second, and tests and tools compare them.
-    return datetime.now().astimezone().isoformat(timespec="milliseconds")
-
-
-class CompletedSet:
-    """Resolved job ids: everything below ``watermark`` plus disjoint ranges above it.
-
-    Ranges are half-open ``[start, end)`` kept sorted in two parallel lists; completions mostly
-    arrive as whole contiguous batches, so the number of ranges stays near the number of
-    batches in flight, not the number of jobs.
-    """
-
-    __slots__ = ("watermark", "_starts", "_ends")
-
-    def __init__(self, watermark: int = 0, ranges: Iterable[tuple[int, int]] = ()) -> None:
-        self.watermark = watermark
-        self._starts: list[int] = []
-        self._ends: list[int] = []
-        for start, end in ranges:
-            self.add(start, end - start)
-
-    def add(self, start: int, count: int) -> int:
-        """Mark ``[start, start+count)`` resolved; return how many of them were new."""
-        end = start + count
-        if count <= 0 or end <= self.watermark:
-            return 0
-        if start < self.watermark:
-            start = self.watermark
-        starts, ends = self._starts, self._ends
-        # Find every range that overlaps or touches [start, end) and merge them.
-        lo = bisect.bisect_left(ends, start)
-        hi = bisect.bisect_right(starts, end)
-        covered = 0
-        new_start, new_end = start, end
-        for i in range(lo, hi):
-            s, e = starts[i], ends[i]
-            covered += max(0, min(e, end) - max(s, start))
-            new_start = min(new_start, s)
-            new_end = max(new_end, e)
-        starts[lo:hi] = [new_start]
-        ends[lo:hi] = [new_end]
-        if starts[0] == self.watermark:
-            self.watermark = ends[0]
-            del starts[0], ends[0]
-        return (end - start) - covered
-
-    def __contains__(self, job_id: int) -> bool:
-        if job_id < self.watermark:
-            return True
-        i = bisect.bisect_right(self._starts, job_id) - 1
-        return i >= 0 and job_id < self._ends[i]
-
-    def covers(self, start: int, count: int) -> bool:
-        """Whether every id in ``[start, start+count)`` is resolved (one bisect)."""
-        end = start + count
-        if end <= self.watermark:
-            return True
-        if start < self.watermark:
-            start = self.watermark
-        i = bisect.bisect_right(self._starts, start) - 1
-        return i >= 0 and end <= self._ends[i]
-
-    def ranges(self) -> list[tuple[int, int]]:
-        return list(zip(self._starts, self._ends, strict=True))
-
-    @property
-    def highest(self) -> int:
-        """One past the highest resolved id."""
-        return self._ends[-1] if self._ends else self.watermark
-
-    @property
-    def resolved_above(self) -> int:
-        return sum(e - s for s, e in zip(self._starts, self._ends, strict=True))
-
-
-class Checkpoint:
-    """What a checkpoint row holds, as the master and ``tm status`` see it."""
-
-    __slots__ = (
-        "watermark",
-        "resume_id",
-        "resume_job",
-        "first_job",
-        "ranges",
-        "exhausted",
-        "generator_error",
-        "done",
-        "failed",
-        "duplicates",
-        "retried",
-        "total",
-        "rate",
-        "in_flight",
-        "workers",
-        "started",
-        "updated",
-    )
-
-    def __init__(
-        self,
-        *,
-        watermark: int = 0,
-        resume_id: int = 0,
-        resume_job: bytes | None = None,
-        first_job: bytes | None = None,
-        ranges: list[tuple[int, int]] | None = None,
-        exhausted: bool = False,
-        generator_error: str | None = None,
-        done: int = 0,
-        failed: int = 0,
-        duplicates: int = 0,
-        retried: int = 0,
-        total: int | None = None,
-        rate: float = 0.0,
-        in_flight: int = 0,
-        workers: int = 0,
-        started: str | None = None,
-        updated: str | None = None,
-    ) -> None:
-        self.watermark = watermark
-        self.resume_id = resume_id
-        self.resume_job = resume_job
-        self.first_job = first_job
-        self.ranges = ranges
-        self.exhausted = exhausted
-        self.generator_error = generator_error
-        self.done = done
-        self.failed = failed
-        self.duplicates = duplicates
-        self.retried = retried
-        self.total = total
-        self.rate = rate
-        self.in_flight = in_flight
-        self.workers = workers
-        self.started = started
-        self.updated = updated
-
-
 class Failure(NamedTuple):
     job_id: int
     job: bytes | None
@@ -233,7 +93,9 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
         if readonly:
             uri = f"file:{path}?mode=ro"
             return sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5)
-        return sqlite3.connect(path, isolation_level=None, timeout=5)
+        # Not tied to its thread: a fresh run's file is created on one (state.FreshLedger)
+        # and used on the master's; the master never uses it from two threads at once.
+        return sqlite3.connect(path, isolation_level=None, timeout=5, check_same_thread=False)
     except sqlite3.Error as exc:
         raise LedgerError(f"{path}: cannot open the state file ({exc})") from exc
 
@@ -308,63 +170,6 @@ def _read_checkpoint(conn: sqlite3.Connection, path: Path) -> Checkpoint:
     return _row_to_checkpoint(row, path)
 
 
-class MasterLock:
-    """An exclusive ``flock`` beside the state file: the kernel drops it when the holder dies."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path.with_name(path.name + ".lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise LedgerError(f"{self.path}: cannot create the lock file ({exc})") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder(fd)
-            os.close(fd)
-            raise LedgerLocked(
-                f"another master ({holder}) is running on {self.path.with_suffix('')}; "
-                "stop it first, or use --state for a separate run"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
-        self._fd = fd
-
-    @staticmethod
-    def _holder(fd: int) -> str:
-        # The holder writes its name just after it takes the lock: give it a moment.
-        for _ in range(20):
-            text = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            if text:
-                return text
-            time.sleep(0.01)
-        return "pid unknown"
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    @staticmethod
-    def is_held(state_path: Path) -> bool:
-        """Whether some master holds the state now (used by ``tm status``)."""
-        lock_path = state_path.with_name(state_path.name + ".lock")
-        try:
-            fd = os.open(lock_path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
-
-
 class Ledger:
     """The master's read-write handle on a state file (holds the one-master lock)."""
 
@@ -420,15 +225,10 @@ class Ledger:
                     exists = False
                 else:
                     cls._check_identity(conn, path, identity)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL survives any process crash; a power cut can only lose the last
-            # checkpoints, which costs re-runs, never a job.
-            conn.execute("PRAGMA synchronous=NORMAL")
+            cls._prepare(conn)
             if not exists:
-                cls._create(conn, identity)
-            for suffix in ("-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.chmod(f"{path}{suffix}", 0o600)
+                cls._create(conn, identity, now_iso())
+            cls._private(path)
             ledger = cls(path, conn, lock, fresh=not exists)
         except BaseException as exc:
             if conn is not None:
@@ -441,6 +241,42 @@ class Ledger:
         ledger.discarded = discarded
         return ledger
 
+    @classmethod
+    def create(
+        cls, path: Path, identity: dict[str, Any], lock: MasterLock, *, created: str
+    ) -> Ledger:
+        """A new run's state in the empty file at ``path``, whose ``lock`` the caller holds.
+
+        On failure the file stays empty and the lock stays with the caller.
+        """
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = _connect(path, readonly=False)
+            cls._prepare(conn)
+            cls._create(conn, identity, created)
+            cls._private(path)
+            return cls(path, conn, lock, fresh=True)
+        except BaseException as exc:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise LedgerError(f"{path}: cannot use the state file ({exc})") from exc
+            raise
+
+    @staticmethod
+    def _prepare(conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL survives any process crash; a power cut can only lose the last
+        # checkpoints, which costs re-runs, never a job.
+        conn.execute("PRAGMA synchronous=NORMAL")
+
+    @staticmethod
+    def _private(path: Path) -> None:
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{path}{suffix}", 0o600)
+
     @staticmethod
     def _discard(path: Path) -> None:
         for suffix in ("", "-wal", "-shm"):
@@ -449,14 +285,13 @@ class Ledger:
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
 
     @staticmethod
-    def _create(conn: sqlite3.Connection, identity: dict[str, Any]) -> None:
+    def _create(conn: sqlite3.Connection, identity: dict[str, Any], created: str) -> None:
         conn.execute("BEGIN IMMEDIATE")
         for ddl in _DDL:
             conn.execute(ddl)
         conn.executemany(
             "INSERT INTO meta (key, value) VALUES (?, ?)",
-            [(k, json.dumps(v)) for k, v in identity.items()]
-            + [("created", json.dumps(_now_iso()))],
+            [(k, json.dumps(v)) for k, v in identity.items()] + [("created", json.dumps(created))],
         )
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
@@ -493,7 +328,7 @@ class Ledger:
     ) -> None:
         """Queue a failure row for the next checkpoint (the caller resolves the id)."""
         self._pending_failures.append(
-            (job_id, job, job_repr, attempts, error, message, traceback, worker, _now_iso())
+            (job_id, job, job_repr, attempts, error, message, traceback, worker, now_iso())
         )
 
     def clear_failure(self, job_id: int) -> None:
@@ -504,7 +339,7 @@ class Ledger:
         """Commit everything known now in one transaction."""
         state.watermark = self.completed.watermark
         state.ranges = self.completed.ranges()
-        state.updated = _now_iso()
+        state.updated = now_iso()
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")

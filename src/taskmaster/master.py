@@ -18,13 +18,16 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import protocol
 from .feeder import OVERSHOOT_MIN, Chunk, Feeder, safe_repr
-from .ledger import Checkpoint, CompletedSet, Ledger
 from .options import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MasterConfig
 from .progress import NullReporter, Reporter, Snapshot, StalledJob, Summary, WorkerRow
+from .state import Checkpoint, CompletedSet, FreshLedger
+
+if TYPE_CHECKING:
+    from .ledger import Ledger
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +129,7 @@ class Master:
         self,
         transport: Transport,
         feeder: Feeder,
-        ledger: Ledger,
+        ledger: Ledger | FreshLedger,
         config: MasterConfig,
         *,
         reporter: Reporter | None = None,

@@ -14,17 +14,20 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .feeder import Feeder, safe_repr
 from .launch import master_endpoint
-from .ledger import CompletedSet, Ledger
 from .master import Master
 from .options import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MasterOptions, Outcome
 from .progress import Reporter, Summary, make_reporter
 from .protocol import PROTOCOL_VERSION
+from .state import CompletedSet, FreshLedger
 from .targets import accepts_last
 from .transport import MasterTransport
+
+if TYPE_CHECKING:
+    from .ledger import Ledger
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +89,9 @@ def _raising(exc: BaseException) -> Callable[[], Iterable[Any]]:
     return jobs
 
 
-def _resume_jobs(options: MasterOptions, ledger: Ledger) -> tuple[Callable[[], Iterable[Any]], int]:
+def _resume_jobs(
+    options: MasterOptions, ledger: Ledger | FreshLedger
+) -> tuple[Callable[[], Iterable[Any]], int]:
     """Decide how to restart ``get_jobs``: return the iterable factory and the first id.
 
     With a stored resume job and a ``last`` parameter, ``get_jobs(last=job)`` must yield that
@@ -160,7 +165,14 @@ def serve_master(
         reporter = make_reporter(
             options.progress, stream=options.stream, workers_table=options.workers_table
         )
-        ledger = Ledger.open(state_path, _identity(options), reset=options.reset)
+        identity = _identity(options)
+        # A run with no state yet creates it while serving (SQLite and the schema are about
+        # 5 ms of every fresh start); a state file that exists is read before anything runs.
+        ledger: Ledger | FreshLedger | None = FreshLedger.start(state_path, identity)
+        if ledger is None:
+            from .ledger import Ledger
+
+            ledger = Ledger.open(state_path, identity, reset=options.reset)
         try:
             if ledger.checkpoint_row.exhausted and not options.retry_failed:
                 return _already_complete(ledger, reporter, options)
@@ -198,7 +210,7 @@ def _close_in_background(transport: MasterTransport | None) -> threading.Thread 
     return closer
 
 
-def _describe_discarded(ledger: Ledger) -> str:
+def _describe_discarded(ledger: Ledger | FreshLedger) -> str:
     old = ledger.discarded
     assert old is not None
     above = sum(e - s for s, e in old.ranges or [])
@@ -210,7 +222,9 @@ def _describe_discarded(ledger: Ledger) -> str:
     )
 
 
-def _already_complete(ledger: Ledger, reporter: Reporter, options: MasterOptions) -> Outcome:
+def _already_complete(
+    ledger: Ledger | FreshLedger, reporter: Reporter, options: MasterOptions
+) -> Outcome:
     cp = ledger.checkpoint_row
     summary = Summary(
         done=cp.done, failed=cp.failed, duplicates=cp.duplicates, retried=cp.retried,
@@ -223,7 +237,7 @@ def _already_complete(ledger: Ledger, reporter: Reporter, options: MasterOptions
 
 def _serve(
     options: MasterOptions,
-    ledger: Ledger,
+    ledger: Ledger | FreshLedger,
     transport: MasterTransport,
     reporter: Reporter,
     watchdog: Callable[[], str | None] | None = None,

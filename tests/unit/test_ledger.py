@@ -26,6 +26,7 @@ from taskmaster.ledger import (
     LedgerView,
     MasterLock,
 )
+from taskmaster.state import FreshLedger
 
 IDENTITY = {"target": "tasks", "kwargs": {"n": "10"}, "protocol": 1}
 
@@ -401,3 +402,73 @@ def test_a_checkpoint_is_quick_when_one_job_lags(tmp_path: Path) -> None:
         assert ledger.checkpoint_row.ranges == [(6, 2_000_006)]
     finally:
         ledger.close()
+
+
+# -- a fresh run's state, created on a thread ----------------------------------------------
+
+
+def test_a_fresh_state_answers_at_once_and_is_written_like_any_other(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "state.db"
+    fresh = FreshLedger.start(path, IDENTITY)
+    assert fresh is not None
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600  # before SQLite touched it
+        assert MasterLock.is_held(path)
+        assert fresh.fresh and fresh.discarded is None
+        assert fresh.checkpoint_row.watermark == 0 and fresh.checkpoint_row.ranges == []
+        fresh.completed.add(0, 40)  # the master fills the set in before the first write
+        fresh.record_failure(41, pickle.dumps(41), "41", 1, "ValueError", "no", "tb", "h:1")
+        fresh.checkpoint(Checkpoint(done=40, failed=1, started="then"))
+        assert fresh.checkpoint_row.done == 40
+    finally:
+        fresh.close()
+    assert not MasterLock.is_held(path)
+    again = Ledger.open(path, IDENTITY)
+    try:
+        assert not again.fresh and again.run_id == fresh.run_id
+        assert again.checkpoint_row.watermark == 40 and again.checkpoint_row.done == 40
+        [failure] = again.failures()
+        assert failure.job_id == 41
+    finally:
+        again.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
+def test_an_existing_state_is_not_fresh(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    Ledger.open(path, IDENTITY).close()
+    before = _file_state(path)
+    assert FreshLedger.start(path, IDENTITY) is None
+    assert _file_state(path) == before and not MasterLock.is_held(path)
+
+
+def test_a_locked_state_fails_before_anything_runs(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    holder = MasterLock(path)
+    holder.acquire()
+    try:
+        with pytest.raises(LedgerLocked):
+            FreshLedger.start(path, IDENTITY)
+        assert not path.exists()
+    finally:
+        holder.release()
+
+
+def test_a_state_that_cannot_be_created_fails_at_the_first_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> Ledger:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Ledger, "_prepare", staticmethod(refuse))
+    path = tmp_path / "state.db"
+    fresh = FreshLedger.start(path, IDENTITY)
+    assert fresh is not None
+    with pytest.raises(LedgerError, match="disk I/O error"):
+        fresh.checkpoint(Checkpoint(done=1))
+    fresh.close()
+    assert not MasterLock.is_held(path)
