@@ -183,8 +183,7 @@ def serve_master(
         finally:
             # The socket's last goodbyes (END to every worker) and the state file's final
             # checkpoint and fsync both wait on the kernel: overlap them, 1-3 ms of every
-            # run's end. The socket closes on a thread (nothing here touches it any more);
-            # SQLite insists on the thread that opened it.
+            # run's end. The socket closes on a thread (nothing here touches it any more).
             closer = _close_in_background(transport)
             transport = None
             ledger.close()
