@@ -289,8 +289,11 @@ def test_libzmq_without_curve_is_refused(monkeypatch: pytest.MonkeyPatch) -> Non
 # -- the transport's sockets -------------------------------------------------------------
 
 
-@pytest.fixture
-def keys() -> security.Keys:
+@pytest.fixture(params=["derived", "fresh"])
+def keys(request: pytest.FixtureRequest) -> security.Keys:
+    # A shared secret's keys (tm-master, tm-worker) and a private run's (tm-run).
+    if request.param == "fresh":
+        return security.fresh_keys()
     return security.derive_keys(security.generate_secret())
 
 
@@ -311,26 +314,6 @@ def test_master_socket_limits(master: MasterTransport) -> None:
     # ROUTER_MANDATORY is write-only: its effect is that sending to nobody fails, not drops.
     assert master.send(b"no-such-worker", b"x") is False
     assert master.unroutable == 1
-
-
-def test_a_private_run_talks_on_fresh_keys() -> None:
-    keys = security.fresh_keys()
-    master = MasterTransport("tcp://127.0.0.1:*", keys)
-    worker = WorkerTransport(master.address, keys, b"w0")
-    try:
-        worker.send(b"hello")
-        got: list[tuple[bytes, bytes]] = []
-
-        def master_heard() -> bool:
-            master.poll(0.05)
-            got.extend(master.receive())
-            return bool(got)
-
-        _until(master_heard)
-        assert got == [(b"w0", b"hello")]
-    finally:
-        worker.close()
-        master.close()
 
 
 def test_zap_accepts_only_the_worker_key(master: MasterTransport, keys: security.Keys) -> None:
