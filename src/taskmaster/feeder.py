@@ -21,7 +21,9 @@ from typing import Any, NamedTuple
 logger = logging.getLogger(__name__)
 
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
-MAX_CHUNK = 4096
+# Up to a JOBS message's worth (master.MAX_BATCH): per-message costs (framing, encryption,
+# wake-ups on both sides) were half of a no-op job's cost at 4,096.
+MAX_CHUNK = 8192
 # A chunk is handed over once it took this long to pull, so a slow generator's jobs still
 # reach workers promptly.
 CHUNK_FLUSH_S = 0.005

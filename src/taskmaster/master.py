@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH = 4096
+# Credit one JOBS message uses at most (it may carry up to twice that: see Feeder.take).
+MAX_BATCH = 8192
 REPORT_INTERVAL_S = 0.25
 STALL_MIN_S = 3.0
 STALL_FACTOR = 10.0

@@ -38,7 +38,8 @@ EXIT_GAVE_UP = 3
 EXIT_TIMEOUT = 4
 EXIT_INIT_FAILED = 5
 
-MAX_WINDOW = 8192
+# Two full JOBS messages (master.MAX_BATCH): one running, one on its way.
+MAX_WINDOW = 16384
 # How much queued work a worker asks for beyond its running slots: enough to cover a round
 # trip to the master, small enough that the last jobs of a run are spread over all workers.
 # The round trip is more than the network: while a CPU-bound job holds the GIL, the I/O
