@@ -306,6 +306,11 @@ class _Concurrent:
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self._lock = threading.Lock()
+        self.active = 0  # jobs handed out whose result is not yet recorded
+
+    def _handing_out(self) -> None:
+        with self._lock:
+            self.active += 1
 
     def _started(self, results: Results, seq: int, job_id: int) -> None:
         results.running[job_id] = (_monotonic(), seq)
@@ -320,6 +325,7 @@ class _Concurrent:
             else:
                 results.failed.append((seq, job_id, *describe_exception(exc)))
             results.finished += 1
+            self.active -= 1
         results.post()
 
 
@@ -329,7 +335,6 @@ class ThreadExecutor(_Concurrent):
     def __init__(self, handle_job: Callable[[Any], Any], threads: int) -> None:
         super().__init__(threads)
         self.handle_job = handle_job
-        self.active = 0  # jobs submitted whose result is not yet recorded
 
     def run(self, queue: JobQueue, results: Results) -> None:
         from concurrent.futures import ThreadPoolExecutor  # only workers that use threads pay
@@ -340,8 +345,7 @@ class ThreadExecutor(_Concurrent):
             for batch, items, packed in batches(queue, results):
                 for job_id, item in zip(batch.id_seq(), items, strict=True):
                     slots.acquire()
-                    with self._lock:
-                        self.active += 1
+                    self._handing_out()
                     pool.submit(self._one, results, slots, batch.seq, job_id, item, packed)
         finally:
             # Jobs still running or queued are waited for, so their results go out. Idle
@@ -369,8 +373,6 @@ class ThreadExecutor(_Concurrent):
         finally:
             slots.release()
         self._ended(results, seq, job_id, error)
-        with self._lock:
-            self.active -= 1
 
 
 class AsyncExecutor(_Concurrent):
@@ -401,6 +403,7 @@ class AsyncExecutor(_Concurrent):
             items, packed = unpacked
             for job_id, item in zip(batch.id_seq(), items, strict=True):
                 await slots.acquire()
+                self._handing_out()
                 task = loop.create_task(self._one(results, slots, batch.seq, job_id, item, packed))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
