@@ -40,6 +40,9 @@ EXIT_INIT_FAILED = 5
 
 # Two full JOBS messages (master.MAX_BATCH): one running, one on its way.
 MAX_WINDOW = 16384
+# And at most this many pickled bytes (a window of big jobs that run fast would otherwise
+# hold MAX_WINDOW of them, here and in the master's leases).
+MAX_WINDOW_BYTES = 8 * 1024 * 1024
 # How much queued work a worker asks for beyond its running slots: enough to cover a round
 # trip to the master, small enough that the last jobs of a run are spread over all workers.
 # The round trip is more than the network: while a CPU-bound job holds the GIL, the I/O
@@ -80,6 +83,7 @@ class Session(threading.Thread):
         self.exit_status: int | None = None
         self.exit_message = ""
         self.received = 0
+        self.received_bytes = 0  # pickled payloads, for MAX_WINDOW_BYTES
         self.granted = 0
         self.finished_seen = 0
         self.dropped = 0
@@ -109,7 +113,11 @@ class Session(threading.Thread):
         if self.job_time_s <= 0:
             return self.slots * 2
         prefetch = int(PREFETCH_S * self.slots / self.job_time_s)
-        return min(self.slots + prefetch, MAX_WINDOW)
+        window = min(self.slots + prefetch, MAX_WINDOW)
+        if self.received_bytes:
+            fits = MAX_WINDOW_BYTES * self.received // self.received_bytes
+            window = min(window, max(fits, self.slots))
+        return window
 
     def _finished(self) -> int:
         return self.results.finished + self.dropped
@@ -171,6 +179,7 @@ class Session(threading.Thread):
             _, seq, ids, payloads, counts = msg
             batch = Batch(seq, ids, payloads, protocol.job_count(counts), isinstance(counts, list))
             self.received += batch.count
+            self.received_bytes += sum(map(len, payloads))
             self.queue.put(batch)
         elif kind == protocol.PING:
             if self.welcomed and msg[1] != self.epoch:

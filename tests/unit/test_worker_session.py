@@ -25,7 +25,15 @@ from taskmaster.executor import (
     executor_slots,
     make_executor,
 )
-from taskmaster.worker import EXIT_GAVE_UP, EXIT_OK, HELLO_RETRY_S, MAX_WINDOW, Session, _merge
+from taskmaster.worker import (
+    EXIT_GAVE_UP,
+    EXIT_OK,
+    HELLO_RETRY_S,
+    MAX_WINDOW,
+    MAX_WINDOW_BYTES,
+    Session,
+    _merge,
+)
 from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.timeout(30)
@@ -155,6 +163,17 @@ def test_job_time_follows_slow_jobs_over_a_few_acks() -> None:
     for _ in range(6):  # the jobs became four times slower
         _finish(session, 3, 0.02)
     assert 0.018 < session.job_time_s < 0.02
+
+
+def test_a_window_of_big_fast_jobs_is_bounded_in_bytes() -> None:
+    session, _ = make_session(slots=2)
+    session.job_time_s = 1e-6  # fast: MAX_WINDOW jobs by time alone
+    session.received, session.received_bytes = 10, 10 * 100_000  # 100 kB each
+    assert session.window() == MAX_WINDOW_BYTES // 100_000
+    session.received_bytes = 10 * 50 * 1024 * 1024  # 50 MiB jobs: still one per slot
+    assert session.window() == 2
+    session.received_bytes = 10 * 8  # tiny jobs: time decides
+    assert session.window() == MAX_WINDOW
 
 
 def test_hello_grants_the_window() -> None:
