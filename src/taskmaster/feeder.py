@@ -257,7 +257,7 @@ class Feeder(threading.Thread):
         """The generator is finished (or failed) and every chunk has been taken."""
         return self.exhausted and not self._buffered
 
-    def take(self, n: int, *, wait_up_to: int = 0) -> list[Chunk]:
+    def take(self, n: int, *, wait_up_to: int = 0, exact: bool = False) -> list[Chunk]:
         """Remove about ``n`` jobs from the buffer, as chunks of consecutive ids.
 
         Chunks come whole while they fit in ``n`` or, when ``n`` is big (fast jobs), in twice
@@ -265,10 +265,10 @@ class Feeder(threading.Thread):
         with chunks. The worker's credit goes below zero and its next grants pay that back.
         A chunk too big even for that is split to fit, unless it would fit twice
         ``wait_up_to`` (a busy worker's window): then the rest of the credit waits for the
-        worker's next ack and a bigger grant.
+        worker's next ack and a bigger grant. ``exact`` takes no more than ``n``.
         """
         out: list[Chunk] = []
-        overshoot = n if n >= OVERSHOOT_MIN else 0
+        overshoot = n if n >= OVERSHOOT_MIN and not exact else 0
         with self._cond:
             if self._bad:
                 # Jobs after a bad one wait until the master has taken (and resolved) it:

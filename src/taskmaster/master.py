@@ -497,25 +497,30 @@ class Master:
         workers = self.workers
         # Once get_jobs is exhausted, what is left is shared out by slots rather than first
         # come, first served: otherwise the worker that acks first queues the last jobs of
-        # the run while another one idles.
-        end_slots, counted = self._end_slots(), len(workers)
+        # the run while another one idles. What is left does not change while jobs are
+        # handed out (they only move from waiting to out), so it is counted once here.
+        end, counted = self._end_of_run(), len(workers)
         for worker in list(workers.values()):
             if len(workers) != counted:  # a failed send dropped one: share among the rest
-                end_slots, counted = self._end_slots(), len(workers)
+                end, counted = self._end_of_run(), len(workers)
+            share = self._share(worker, *end) if end is not None else None
             while worker.credit > 0 and worker.identity in workers:
-                chunk, suspect = self._next_chunk(worker, now, end_slots)
+                chunk, suspect = self._next_chunk(worker, now, share)
                 if chunk is None:
-                    # The buffer is empty (the feeder wakes us when it is not), or the next
-                    # chunk waits for this busy worker's next ack rather than be split.
+                    # The buffer is empty (the feeder wakes us when it is not), the next
+                    # chunk waits for this busy worker's next ack rather than be split, or
+                    # the worker holds its share of the end.
                     starved = starved or not worker.leases or not feeder.buffered
                     break
                 self._send_chunk(worker, chunk, now, suspect)
+                if share is not None:
+                    share -= len(chunk)
                 if suspect:
                     break  # a suspect travels alone, or a death could not be blamed on it
         feeder.waiting = starved
 
     def _next_chunk(
-        self, worker: WorkerState, now: float, end_slots: int = 0
+        self, worker: WorkerState, now: float, share: int | None = None
     ) -> tuple[Chunk | None, bool]:
         n = min(worker.credit, MAX_BATCH)
         while self.delayed and self.delayed[0][0] <= now:
@@ -525,8 +530,8 @@ class Master:
         # death blames exactly that job.
         if self.suspects and not worker.leases:
             return self.suspects.popleft(), True
-        if end_slots:
-            n = min(n, self._end_share(worker, end_slots))
+        if share is not None:
+            n = min(n, share)
             if n <= 0:
                 return None, False  # it holds its share: the others' acks free more
         if self.requeue:
@@ -534,35 +539,42 @@ class Master:
             if len(head) <= n:
                 return self.requeue.popleft(), False
             return head.split(n), False
-        # A busy worker with a big window (fast jobs) acks again soon: its leftover credit
-        # can wait for a whole chunk that fits its window. Small windows are filled at once.
-        window = 0
-        if worker.leases and n >= OVERSHOOT_MIN:
-            leases = self.leases
-            window = worker.credit + sum(
-                lease.remaining for seq in worker.leases if (lease := leases.get(seq))
-            )
-        chunks = self.feeder.take(n, wait_up_to=window)
+        if share is not None:
+            # Exact fills at the end, or a chunk taken whole could give one worker twice
+            # its share.
+            chunks = self.feeder.take(n, exact=True)
+        else:
+            # A busy worker with a big window (fast jobs) acks again soon: its leftover
+            # credit can wait for a whole chunk that fits its window. Small windows are
+            # filled at once.
+            window = 0
+            if worker.leases and n >= OVERSHOOT_MIN:
+                window = worker.credit + self._held(worker)
+            chunks = self.feeder.take(n, wait_up_to=window)
         if not chunks:
             return None, False
         for extra in chunks[1:]:
             self.requeue.append(extra)
         return chunks[0], False
 
-    def _end_slots(self) -> int:
-        """All workers' slots once get_jobs is exhausted and several share the end, else 0."""
+    def _end_of_run(self) -> tuple[int, int] | None:
+        """Once get_jobs is exhausted and several workers share the end: all their slots
+        and all the jobs left (buffered, waiting to be sent again, or out); else None."""
         workers = self.workers
         if not self.feeder.exhausted or len(workers) < 2:
-            return 0
-        return sum(w.slots for w in workers.values())
+            return None
+        waiting = sum(len(c) for c in self.requeue) + sum(len(c) for c in self.suspects)
+        left = self.feeder.buffered + self.in_flight + waiting + len(self.delayed)
+        return sum(w.slots for w in workers.values()), left
 
-    def _end_share(self, worker: WorkerState, total_slots: int) -> int:
-        """How many more jobs ``worker`` may take: its slots' share of all that is left
-        (buffered, waiting to be sent again, or out on a worker) less what it holds."""
+    def _share(self, worker: WorkerState, total_slots: int, left: int) -> int:
+        """How many more jobs ``worker`` may take: its slots' share of all that is left, less
+        what it holds."""
+        return -(-left * worker.slots // total_slots) - self._held(worker)
+
+    def _held(self, worker: WorkerState) -> int:
         leases = self.leases
-        left = self.feeder.buffered + self.in_flight + sum(len(c) for c in self.requeue)
-        held = sum(lease.remaining for seq in worker.leases if (lease := leases.get(seq)))
-        return -(-left * worker.slots // total_slots) - held
+        return sum(lease.remaining for seq in worker.leases if (lease := leases.get(seq)))
 
     def _send_chunk(self, worker: WorkerState, chunk: Chunk, now: float, suspect: bool) -> None:
         self._seq += 1

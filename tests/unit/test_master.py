@@ -30,6 +30,7 @@ from taskmaster.master import (
     SUSPECT_SINGLES,
     Master,
     MasterConfig,
+    _chunk_of,
 )
 from tests.conftest import FakeClock, wait_until
 
@@ -817,6 +818,35 @@ def test_a_worker_that_acks_takes_its_share_of_what_is_left(
     h.step()
     assert sum(len(b.ids) for b in w2.batches()) == 1
     assert h.feeder.buffered == 0
+
+
+def test_fast_jobs_share_the_end_too(make: Callable[..., Harness]) -> None:
+    # Big credits (fast jobs) may take a chunk whole beyond the credit: not beyond a share.
+    h = make(range(20_000), size=30_000)
+    w1, w2 = h.worker("w1"), h.worker("w2")
+    w1.hello(credit=16_384)
+    w2.hello(credit=16_384)
+    h.step()
+    got = sorted(sum(len(b.ids) for b in w.batches()) for w in (w1, w2))
+    assert got == [10_000, 10_000]
+
+
+def test_sharing_the_end_counts_once_per_worker_not_per_chunk(
+    make: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Retries near the end leave many one-job chunks to send: each must not cost a pass over
+    # everything left (that once held one step for seconds, past the workers' liveness).
+    h = make([])
+    h.master.requeue.extend(_chunk_of([(i, pickle.dumps(i))]) for i in range(5_000))
+    counted: list[int] = []
+    held = h.master._held
+    monkeypatch.setattr(h.master, "_held", lambda worker: counted.append(1) or held(worker))
+    w1, w2 = h.worker("w1"), h.worker("w2")
+    w1.hello(credit=3_000)
+    w2.hello(credit=3_000)
+    h.step()
+    assert sum(len(b.ids) for w in (w1, w2) for b in w.batches()) == 5_000
+    assert len(counted) <= 4  # once per worker and dispatch, not once per chunk
 
 
 def test_one_worker_takes_all_it_asks_for_at_the_end(make: Callable[..., Harness]) -> None:
