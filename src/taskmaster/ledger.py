@@ -247,7 +247,8 @@ class Ledger:
     ) -> Ledger:
         """A new run's state in the empty file at ``path``, whose ``lock`` the caller holds.
 
-        On failure the file stays empty and the lock stays with the caller.
+        On failure the file holds no tables (a later open starts it afresh) and the lock stays
+        with the caller.
         """
         conn: sqlite3.Connection | None = None
         try:

@@ -249,7 +249,11 @@ class FreshLedger:
         except OSError as exc:
             lock.release()
             raise LedgerError(f"{path}: cannot use the state file ({exc})") from exc
-        return cls(path, identity, lock)
+        try:
+            return cls(path, identity, lock)
+        except BaseException:  # no thread to hand the lock to (say, none could start)
+            lock.release()
+            raise
 
     def __init__(self, path: Path, identity: dict[str, Any], lock: MasterLock) -> None:
         self.path = path
