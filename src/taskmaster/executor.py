@@ -93,6 +93,8 @@ def unpack(batch: Batch, results: Results) -> tuple[list[Any], bool] | None:
         jobs = (
             _loads(payloads[0]) if len(payloads) == 1 else [j for p in payloads for j in _loads(p)]
         )
+        if len(jobs) != batch.count:  # never from a sound master: fail it rather than guess
+            raise ValueError(f"a batch of {batch.count} jobs held {len(jobs)}")
     except JOB_ERRORS as exc:
         described = describe_exception(exc)
         for job_id in batch.id_seq():
@@ -325,8 +327,10 @@ class _Concurrent:
             else:
                 results.failed.append((seq, job_id, *describe_exception(exc)))
             results.finished += 1
+            # Posted before the count drops: a pool the worker stops waiting for at zero
+            # (ThreadExecutor.run) has no wake-up left to write after its pipe is closed.
+            results.post()
             self.active -= 1
-        results.post()
 
 
 class ThreadExecutor(_Concurrent):

@@ -127,3 +127,13 @@ def test_a_packed_batch_with_explicit_ids_reports_each_job_once() -> None:
     ok, failed = _outcome(results)
     assert failed == [i for i in ids if i % 7 == 0]
     assert sorted(ok + failed) == ids and len(ok) == len(set(ok))
+
+
+def test_a_packed_batch_whose_count_is_wrong_fails_whole_rather_than_ack_unrun_jobs() -> None:
+    ran: list[int] = []
+    batch = Batch(2, 10, [pickle.dumps([10, 11])], 5, packed=True)  # says 5, holds 2
+    results = _run(batch, ran.append)
+    ok, failed = _outcome(results)
+    assert ran == [] and ok == []
+    assert failed == [10, 11, 12, 13, 14]
+    assert results.failed[0][2] == "ValueError"
