@@ -43,6 +43,8 @@ MAX_WINDOW = 16384
 # And at most this many pickled bytes (a window of big jobs that run fast would otherwise
 # hold MAX_WINDOW of them, here and in the master's leases).
 MAX_WINDOW_BYTES = 8 * 1024 * 1024
+# Jobs this many times slower than the measured mean restart the measurement (Session._measure).
+SLOWER_RESTART = 4.0
 # How much queued work a worker asks for beyond its running slots: enough to cover a round
 # trip to the master, small enough that the last jobs of a run are spread over all workers.
 # The round trip is more than the network: while a CPU-bound job holds the GIL, the I/O
@@ -83,7 +85,8 @@ class Session(threading.Thread):
         self.exit_status: int | None = None
         self.exit_message = ""
         self.received = 0
-        self.received_bytes = 0  # pickled payloads, for MAX_WINDOW_BYTES
+        self._sized_bytes = 0.0  # decayed sums of pickled bytes and jobs received
+        self._sized_jobs = 0.0
         self.granted = 0
         self.finished_seen = 0
         self.dropped = 0
@@ -114,8 +117,8 @@ class Session(threading.Thread):
             return self.slots * 2
         prefetch = int(PREFETCH_S * self.slots / self.job_time_s)
         window = min(self.slots + prefetch, MAX_WINDOW)
-        if self.received_bytes:
-            fits = MAX_WINDOW_BYTES * self.received // self.received_bytes
+        if self._sized_bytes:
+            fits = int(MAX_WINDOW_BYTES * self._sized_jobs / self._sized_bytes)
             window = min(window, max(fits, self.slots))
         return window
 
@@ -179,7 +182,9 @@ class Session(threading.Thread):
             _, seq, ids, payloads, counts = msg
             batch = Batch(seq, ids, payloads, protocol.job_count(counts), isinstance(counts, list))
             self.received += batch.count
-            self.received_bytes += sum(map(len, payloads))
+            # The mean pickled size of recent jobs (decayed per message), for MAX_WINDOW_BYTES.
+            self._sized_bytes = 0.7 * self._sized_bytes + sum(map(len, payloads))
+            self._sized_jobs = 0.7 * self._sized_jobs + batch.count
             self.queue.put(batch)
         elif kind == protocol.PING:
             if self.welcomed and msg[1] != self.epoch:
@@ -306,8 +311,11 @@ class Session(threading.Thread):
         self._busy_seen = self.results.busy_s
         # A ratio of decayed sums, so each sample weighs by its jobs: the first two jobs of a
         # run (a cold start: imports, caches) no longer hold the window small for a dozen
-        # acks once thousands of fast ones have been measured. Slow jobs come a few per ack
-        # and move it over a few acks, as before.
+        # acks once thousands of fast ones have been measured. But jobs that turn much slower
+        # start it afresh: thousands of fast ones would otherwise keep the window wide while
+        # slow jobs pile up in it.
+        if self._jobs_sum and busy / jobs > SLOWER_RESTART * self._busy_sum / self._jobs_sum:
+            self._busy_sum = self._jobs_sum = 0.0
         self._busy_sum = 0.7 * self._busy_sum + busy
         self._jobs_sum = 0.7 * self._jobs_sum + jobs
         self.job_time_s = max(self._busy_sum / self._jobs_sum, 1e-7)

@@ -15,6 +15,7 @@ import pytest
 
 from taskmaster import executor as executor_module
 from taskmaster import protocol
+from taskmaster import worker as worker_module
 from taskmaster.executor import (
     AsyncExecutor,
     Batch,
@@ -30,7 +31,6 @@ from taskmaster.worker import (
     EXIT_OK,
     HELLO_RETRY_S,
     MAX_WINDOW,
-    MAX_WINDOW_BYTES,
     Session,
     _merge,
 )
@@ -156,23 +156,40 @@ def test_a_slow_cold_start_does_not_hold_the_window_small() -> None:
     assert session.window() == MAX_WINDOW
 
 
-def test_job_time_follows_slow_jobs_over_a_few_acks() -> None:
+def test_job_time_follows_slower_jobs_over_a_few_acks() -> None:
     session, _ = make_session()
     _finish(session, 3, 0.005)
     assert session.job_time_s == pytest.approx(0.005)
-    for _ in range(6):  # the jobs became four times slower
-        _finish(session, 3, 0.02)
-    assert 0.018 < session.job_time_s < 0.02
+    for _ in range(6):  # the jobs became three times slower
+        _finish(session, 3, 0.015)
+    assert 0.013 < session.job_time_s < 0.015
 
 
-def test_a_window_of_big_fast_jobs_is_bounded_in_bytes() -> None:
+def test_thousands_of_fast_jobs_do_not_hide_a_turn_to_slow_ones() -> None:
+    session, _ = make_session()
+    for _ in range(10):
+        _finish(session, 16_384, 1e-7)
+    assert session.window() == MAX_WINDOW
+    _finish(session, 3, 0.01)  # the jobs now take 10 ms each
+    assert session.job_time_s == pytest.approx(0.01)
+    assert session.window() == 1 + 3  # 30 ms of prefetch
+
+
+def _jobs_frame(payloads: list[bytes]) -> bytes:
+    return protocol.jobs(1, 0, payloads)
+
+
+def test_a_window_of_big_fast_jobs_is_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker_module, "MAX_WINDOW_BYTES", 80_000)
     session, _ = make_session(slots=2)
     session.job_time_s = 1e-6  # fast: MAX_WINDOW jobs by time alone
-    session.received, session.received_bytes = 10, 10 * 100_000  # 100 kB each
-    assert session.window() == MAX_WINDOW_BYTES // 100_000
-    session.received_bytes = 10 * 50 * 1024 * 1024  # 50 MiB jobs: still one per slot
+    session.handle(_jobs_frame([b"x" * 1_000] * 10), 0.0)  # 1 kB each
+    assert session.window() == 80
+    for _ in range(20):  # 1 MB jobs from then on: still one per slot
+        session.handle(_jobs_frame([b"x" * 1_000_000]), 0.0)
     assert session.window() == 2
-    session.received_bytes = 10 * 8  # tiny jobs: time decides
+    for _ in range(60):  # tiny jobs again: time decides
+        session.handle(_jobs_frame([b"x" * 4] * 10), 0.0)
     assert session.window() == MAX_WINDOW
 
 
