@@ -223,9 +223,10 @@ class FreshLedger:
 
     Creating one costs about 5 ms (loading SQLite, the schema, the journal's fsyncs), and a
     fresh run has nothing to read from it: the master first writes at a checkpoint. So the
-    lock and the empty file (mode 0600) are taken at once, and a locked or unwritable state
-    still fails before any job is sent; SQLite and the schema come on a thread, which the
-    first write waits for. Until then this answers what a new :class:`Ledger` would.
+    lock and the empty file (mode 0600) are taken at once: a locked state, or one whose file
+    cannot be created, still fails before any job is sent. SQLite and the schema come on a
+    thread, which the first write waits for; a failure there (a full disk) is raised by that
+    write. Until then this answers what a new :class:`Ledger` would.
     """
 
     fresh = True
