@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from .errors import LedgerCorrupt, LedgerError
-from .state import Checkpoint, CompletedSet, MasterLock, now_iso
+from .state import Checkpoint, CompletedSet, MasterLock, create_private, lock_state, now_iso
 
 __all__ = ["Checkpoint", "CompletedSet", "Failure", "Ledger", "LedgerView", "MasterLock"]
 
@@ -199,17 +199,11 @@ class Ledger:
         :class:`LedgerCorrupt` and is left as it was: never a fresh start, not even with
         ``reset``, which only ever deletes a readable taskmaster state.
         """
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise LedgerError(f"{path}: cannot create its directory ({exc})") from exc
-        lock = MasterLock(path)
-        lock.acquire()
+        lock = lock_state(path)
         conn: sqlite3.Connection | None = None
         try:
             if not path.exists():
-                # Create it 0600 before SQLite opens it, so no other user can read the jobs.
-                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+                create_private(path)
             conn = _connect(path, readonly=False)
             # Every check reads only: a file we refuse is left byte for byte as it was.
             exists = _check_schema(conn, path)
@@ -283,7 +277,7 @@ class Ledger:
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{path}{suffix}")
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        create_private(path)
 
     @staticmethod
     def _create(conn: sqlite3.Connection, identity: dict[str, Any], created: str) -> None:

@@ -218,6 +218,23 @@ class MasterLock:
         return False
 
 
+def lock_state(path: Path) -> MasterLock:
+    """Make the state file's directory and take its one-master lock (``LedgerLocked``)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LedgerError(f"{path}: cannot create its directory ({exc})") from exc
+    lock = MasterLock(path)
+    lock.acquire()
+    return lock
+
+
+def create_private(path: Path) -> None:
+    """Create ``path`` empty and mode 0600 before SQLite opens it, so no other user can read
+    the jobs; ``FileExistsError`` if it exists."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 class FreshLedger:
     """The state file of a run that starts from nothing, created while the master starts.
 
@@ -235,15 +252,9 @@ class FreshLedger:
     @classmethod
     def start(cls, path: Path, identity: dict[str, Any]) -> FreshLedger | None:
         """Take the lock and create ``path``; None if it exists (then open it as a Ledger)."""
+        lock = lock_state(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise LedgerError(f"{path}: cannot create its directory ({exc})") from exc
-        lock = MasterLock(path)
-        lock.acquire()
-        try:
-            # 0600 before SQLite opens it, so no other user can read the jobs.
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            create_private(path)
         except FileExistsError:
             lock.release()
             return None

@@ -55,6 +55,26 @@ HELLO_RETRY_S = 1.0
 ACK_BUDGET_BYTES = 1024 * 1024
 
 
+class _DecayedMean:
+    """A ratio of decayed sums (an amount over a count): each sample weighs by its count,
+    and older ones fade by ``DECAY`` a sample."""
+
+    __slots__ = ("amount", "count")
+    DECAY = 0.7
+
+    def __init__(self) -> None:
+        self.amount = 0.0
+        self.count = 0.0
+
+    def add(self, amount: float, count: int) -> None:
+        self.amount = self.DECAY * self.amount + amount
+        self.count = self.DECAY * self.count + count
+
+    @property
+    def mean(self) -> float:
+        return self.amount / self.count if self.count else 0.0
+
+
 class Session(threading.Thread):
     """The worker's side of the conversation with one master (and its successors)."""
 
@@ -85,16 +105,13 @@ class Session(threading.Thread):
         self.exit_status: int | None = None
         self.exit_message = ""
         self.received = 0
-        self._sized_bytes = 0.0  # decayed sums of pickled bytes and jobs received
-        self._sized_jobs = 0.0
+        self._job_bytes = _DecayedMean()  # pickled bytes a job, recently received
         self.granted = 0
         self.finished_seen = 0
         self.dropped = 0
         self.job_time_s = 0.0  # mean seconds of one slot per job, measured
         self._busy_seen = 0.0
-        # Decayed sums of busy seconds and jobs finished: job_time_s is their ratio.
-        self._busy_sum = 0.0
-        self._jobs_sum = 0.0
+        self._job_time = _DecayedMean()  # busy seconds a job: job_time_s
         self._last_from_master = clock()
         self._last_hello = -math.inf
         self._contact_deadline = clock() + wait_s
@@ -117,8 +134,8 @@ class Session(threading.Thread):
             return self.slots * 2
         prefetch = int(PREFETCH_S * self.slots / self.job_time_s)
         window = min(self.slots + prefetch, MAX_WINDOW)
-        if self._sized_bytes:
-            fits = int(MAX_WINDOW_BYTES * self._sized_jobs / self._sized_bytes)
+        if self._job_bytes.amount:
+            fits = int(MAX_WINDOW_BYTES / self._job_bytes.mean)
             window = min(window, max(fits, self.slots))
         return window
 
@@ -182,9 +199,7 @@ class Session(threading.Thread):
             _, seq, ids, payloads, counts = msg
             batch = Batch(seq, ids, payloads, protocol.job_count(counts), isinstance(counts, list))
             self.received += batch.count
-            # The mean pickled size of recent jobs (decayed per message), for MAX_WINDOW_BYTES.
-            self._sized_bytes = 0.7 * self._sized_bytes + sum(map(len, payloads))
-            self._sized_jobs = 0.7 * self._sized_jobs + batch.count
+            self._job_bytes.add(sum(map(len, payloads)), batch.count)  # for MAX_WINDOW_BYTES
             self.queue.put(batch)
         elif kind == protocol.PING:
             if self.welcomed and msg[1] != self.epoch:
@@ -309,16 +324,14 @@ class Session(threading.Thread):
         busy = self.results.busy_s - self._busy_seen
         self.finished_seen = finished
         self._busy_seen = self.results.busy_s
-        # A ratio of decayed sums, so each sample weighs by its jobs: the first two jobs of a
-        # run (a cold start: imports, caches) no longer hold the window small for a dozen
-        # acks once thousands of fast ones have been measured. But jobs that turn much slower
-        # start it afresh: thousands of fast ones would otherwise keep the window wide while
-        # slow jobs pile up in it.
-        if self._jobs_sum and busy / jobs > SLOWER_RESTART * self._busy_sum / self._jobs_sum:
-            self._busy_sum = self._jobs_sum = 0.0
-        self._busy_sum = 0.7 * self._busy_sum + busy
-        self._jobs_sum = 0.7 * self._jobs_sum + jobs
-        self.job_time_s = max(self._busy_sum / self._jobs_sum, 1e-7)
+        # Each sample weighs by its jobs: the first two jobs of a run (a cold start: imports,
+        # caches) no longer hold the window small for a dozen acks once thousands of fast
+        # ones have been measured. But jobs that turn much slower start it afresh: thousands
+        # of fast ones would otherwise keep the window wide while slow jobs pile up in it.
+        if busy / jobs > SLOWER_RESTART * self._job_time.mean:
+            self._job_time = _DecayedMean()
+        self._job_time.add(busy, jobs)
+        self.job_time_s = max(self._job_time.mean, 1e-7)
 
     def _tick(self, now: float) -> None:
         if now >= self._next_heartbeat:
