@@ -7,6 +7,7 @@ side (:mod:`taskmaster.serving`, SQLite, the feeder) load while they start.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import select
@@ -119,6 +120,7 @@ def run_all(master: MasterOptions, worker: WorkerOptions, n: int) -> Outcome:
         secret = master.secret or security.master_secret(address, master.secret_file)
         master.secret = worker.secret = secret
     read_fd, write_fd = os.pipe()
+    gc.freeze()  # see Supervisor._spawn
     pid = os.fork()
     if pid == 0:
         os.close(write_fd)

@@ -8,6 +8,7 @@ forked before the master starts its threads).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import mmap
 import os
@@ -142,6 +143,9 @@ class Supervisor:
                 # signalled only the workers that existed then: do not start another.
                 slot.finished = True
                 return
+            # The collector never walks what exists now, in here or in the child: a walk
+            # writes to every object it visits, and so copies the child's inherited pages.
+            gc.freeze()
             pid = os.fork()
             if pid == 0:  # the child
                 status = 1
