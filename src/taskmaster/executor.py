@@ -8,6 +8,7 @@ socket, so heartbeats and acknowledgements keep flowing while a job runs.
 from __future__ import annotations
 
 import collections
+import itertools
 import pickle
 import threading
 import time
@@ -308,7 +309,9 @@ class _Concurrent:
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when ``active`` drops to 0
         self.active = 0  # jobs handed out whose result is not yet recorded
+        self._finished_at_post = 0  # results.finished when the I/O thread was last woken
 
     def _handing_out(self) -> None:
         with self._lock:
@@ -317,7 +320,14 @@ class _Concurrent:
     def _started(self, results: Results, seq: int, job_id: int) -> None:
         results.running[job_id] = (_monotonic(), seq)
 
-    def _ended(self, results: Results, seq: int, job_id: int, exc: BaseException | None) -> None:
+    def _ended(
+        self,
+        results: Results,
+        queue: JobQueue,
+        seq: int,
+        job_id: int,
+        exc: BaseException | None,
+    ) -> None:
         now = _monotonic()
         with self._lock:
             started = results.running.pop(job_id, (now, seq))[0]
@@ -327,56 +337,112 @@ class _Concurrent:
             else:
                 results.failed.append((seq, job_id, *describe_exception(exc)))
             results.finished += 1
-            # Posted before the count drops: a pool the worker stops waiting for at zero
-            # (ThreadExecutor.run) has no wake-up left to write after its pipe is closed.
-            results.post()
+            # Wake the I/O thread when its news matters, not for every job: each wake-up
+            # takes the GIL from the jobs' threads and sends the master an ACK. It matters
+            # when this was the last job out (its result must not wait for a poll timeout),
+            # when a grant's worth finished, or (at most every MIN_POST_GAP_S) while the
+            # queue runs low. Posted before the count drops: a pool the worker stops
+            # waiting for at zero (ThreadExecutor.run) has no wake-up left to write after
+            # its pipe is closed.
+            if (
+                self.active == 1
+                or results.finished - self._finished_at_post >= queue.post_every
+                or (
+                    queue.queued_jobs < queue.low_water and now - results.last_post > MIN_POST_GAP_S
+                )
+            ):
+                self._finished_at_post = results.finished
+                results.post(now)
             self.active -= 1
+            if not self.active:
+                self._idle.notify_all()
+
+    def _wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every job handed out has its result recorded; whether they all have."""
+        with self._lock:
+            return self._idle.wait_for(lambda: not self.active, timeout)
+
+
+class _SharedJobs:
+    """The jobs of the queue's batches, one at a time, to whichever thread asks first."""
+
+    def __init__(self, queue: JobQueue, results: Results, handing_out: Callable[[], None]) -> None:
+        self._batches = batches(queue, results)
+        self._handing_out = handing_out  # counted under our lock, before ``drained`` is set
+        self._lock = threading.Lock()
+        self._current: Iterator[tuple[int, int, Any, bool]] = iter(())
+        self._over = False
+        self.drained = threading.Event()  # the queue closed and every job was taken
+
+    def take(self) -> tuple[int, int, Any, bool] | None:
+        """(seq, job id, item, packed) of the next job; ``None`` once the queue is closed
+        and drained, or after :meth:`stop`. Blocks while the queue is empty."""
+        with self._lock:
+            while not self._over:
+                for job in self._current:
+                    self._handing_out()
+                    return job
+                taken = next(self._batches, None)
+                if taken is None:
+                    self._over = True
+                    self.drained.set()
+                    break
+                batch, items, packed = taken
+                self._current = zip(
+                    itertools.repeat(batch.seq), batch.id_seq(), items, itertools.repeat(packed)
+                )
+            return None
+
+    def stop(self) -> None:
+        """No job starts after this (the ones a thread already took still run)."""
+        self._over = True
 
 
 class ThreadExecutor(_Concurrent):
-    """``--threads N``: up to N jobs at once on a thread pool (IO-bound jobs)."""
+    """``--threads N``: N threads, each taking its next job itself (IO-bound jobs).
+
+    The threads start with the worker, while it is still connecting, and a thread whose job
+    ended takes the next one straight from the queue: no dispatcher between jobs, and no
+    thread to start when the first jobs arrive.
+    """
 
     def __init__(self, handle_job: Callable[[Any], Any], threads: int) -> None:
         super().__init__(threads)
         self.handle_job = handle_job
 
     def run(self, queue: JobQueue, results: Results) -> None:
-        from concurrent.futures import ThreadPoolExecutor  # only workers that use threads pay
-
-        slots = threading.BoundedSemaphore(self.slots)
-        pool = ThreadPoolExecutor(self.slots, thread_name_prefix="taskmaster-job")
+        jobs = _SharedJobs(queue, results, self._handing_out)
+        for index in range(self.slots):
+            threading.Thread(
+                target=self._work, args=(jobs, queue, results), name=f"taskmaster-job-{index}",
+                daemon=True,
+            ).start()  # fmt: skip
         try:
-            for batch, items, packed in batches(queue, results):
-                for job_id, item in zip(batch.id_seq(), items, strict=True):
-                    slots.acquire()
-                    self._handing_out()
-                    pool.submit(self._one, results, slots, batch.seq, job_id, item, packed)
+            # Once the queue is closed and drained, no job starts: the run is over when the
+            # last one running has its result recorded. The threads are not waited for: they
+            # leave one by one (4 ms for fifty), and end with the process anyway.
+            jobs.drained.wait()
+            self._wait_idle()
         finally:
-            # Jobs still running or queued are waited for, so their results go out. Idle
-            # threads are not: joining fifty of them takes 4 ms at the end of every run, and
-            # they end with the process (they already have their stop signal).
-            with self._lock:
-                busy = self.active > 0
-            pool.shutdown(wait=busy)
+            if not jobs.drained.is_set():  # interrupted: the jobs running now still finish
+                jobs.stop()
+                while not self._wait_idle(0.05):
+                    pass
 
-    def _one(
-        self,
-        results: Results,
-        slots: threading.BoundedSemaphore,
-        seq: int,
-        job_id: int,
-        item: Any,
-        packed: bool,
-    ) -> None:
-        self._started(results, seq, job_id)
-        error: BaseException | None = None
-        try:
-            self.handle_job(item if packed else _loads(item))
-        except JOB_ERRORS as exc:
-            error = exc
-        finally:
-            slots.release()
-        self._ended(results, seq, job_id, error)
+    def _work(self, jobs: _SharedJobs, queue: JobQueue, results: Results) -> None:
+        handle = self.handle_job
+        while True:
+            job = jobs.take()
+            if job is None:
+                return
+            seq, job_id, item, packed = job
+            self._started(results, seq, job_id)
+            error: BaseException | None = None
+            try:
+                handle(item if packed else _loads(item))
+            except JOB_ERRORS as exc:
+                error = exc
+            self._ended(results, queue, seq, job_id, error)
 
 
 class AsyncExecutor(_Concurrent):
@@ -408,7 +474,9 @@ class AsyncExecutor(_Concurrent):
             for job_id, item in zip(batch.id_seq(), items, strict=True):
                 await slots.acquire()
                 self._handing_out()
-                task = loop.create_task(self._one(results, slots, batch.seq, job_id, item, packed))
+                task = loop.create_task(
+                    self._one(results, queue, slots, batch.seq, job_id, item, packed)
+                )
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         if tasks:
@@ -417,6 +485,7 @@ class AsyncExecutor(_Concurrent):
     async def _one(
         self,
         results: Results,
+        queue: JobQueue,
         slots: asyncio.Semaphore,
         seq: int,
         job_id: int,
@@ -431,7 +500,7 @@ class AsyncExecutor(_Concurrent):
             error = exc
         finally:
             slots.release()
-        self._ended(results, seq, job_id, error)
+        self._ended(results, queue, seq, job_id, error)
 
 
 def _is_coroutine_function(func: Callable[..., Any]) -> bool:
@@ -443,12 +512,10 @@ def _is_coroutine_function(func: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(func)
 
 
-def preload(handle_job: Callable[[Any], Any], *, threads: int = 1) -> None:
+def preload(handle_job: Callable[[Any], Any]) -> None:
     """Import what the executor for ``handle_job`` will need, once, before workers fork."""
     if _is_coroutine_function(handle_job):
         import asyncio  # noqa: F401  13 ms: paid by the supervisor, not by each worker
-    elif threads > 1:
-        import concurrent.futures  # noqa: F401
 
 
 def make_executor(

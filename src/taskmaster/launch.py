@@ -64,7 +64,7 @@ def _load_worker_side(options: WorkerOptions) -> None:
     from . import worker as _  # noqa: F401  not in tm-run's master: it loads after the fork
     from .executor import preload
 
-    preload(options.handle_job, threads=options.threads)
+    preload(options.handle_job)
 
 
 def spawn_workers(options: WorkerOptions, n: int) -> int:

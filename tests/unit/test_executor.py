@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import time
 
 import pytest
 
@@ -137,3 +138,87 @@ def test_a_packed_batch_whose_count_is_wrong_fails_whole_rather_than_ack_unrun_j
     assert ran == [] and ok == []
     assert failed == [10, 11, 12, 13, 14]
     assert results.failed[0][2] == "ValueError"
+
+
+def test_a_concurrent_executor_wakes_the_io_thread_per_grant_not_per_job() -> None:
+    # Five jobs out at once, none of the queue's low water left to wait for: the I/O thread
+    # hears of the third (a grant's worth, post_every=3) and of the last one out (whose
+    # result must not wait for a poll timeout), not of each.
+    queue = JobQueue()
+    queue.low_water, queue.post_every = 0, 3
+    wakes: list[int] = []
+    results = Results(lambda: wakes.append(results.finished))
+    pool = executor.ThreadExecutor(lambda job: None, threads=5)
+    for job_id in range(5):
+        pool._handing_out()
+        pool._started(results, 1, job_id)
+    for job_id in range(5):
+        pool._ended(results, queue, 1, job_id, None)
+    assert wakes == [3, 5]
+    assert results.finished == 5 and pool.active == 0
+
+
+def test_a_concurrent_executor_wakes_the_io_thread_while_its_queue_runs_low(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Below the low water mark each finished job may be worth new credit: a wake-up at most
+    # every MIN_POST_GAP_S (a fake clock here), even with no grant's worth finished.
+    clock = [50.0]
+    monkeypatch.setattr(executor, "_monotonic", lambda: clock[0])
+    queue = JobQueue()
+    queue.low_water, queue.post_every = 4, 1000
+    wakes: list[int] = []
+    results = Results(lambda: wakes.append(results.finished))
+    pool = executor.ThreadExecutor(lambda job: None, threads=8)
+    for _ in range(8):
+        pool._handing_out()
+    for job_id, step in enumerate([0.001, 0.0005, 0.0005, 0.003, 0.001, 0.0015, 0.0001]):
+        clock[0] += step
+        pool._ended(results, queue, 1, job_id, None)
+    # Posts at 1 ms (first, last post at 0), at 5 ms (4 ms after), at 7.5 ms (2.5 ms after).
+    assert wakes == [1, 4, 6]
+
+
+def test_the_thread_pool_has_its_threads_before_the_first_jobs_arrive() -> None:
+    import threading
+
+    queue = JobQueue()
+    results = Results(lambda: None)
+    pool = executor.ThreadExecutor(lambda job: None, threads=6)
+    runner = threading.Thread(target=pool.run, args=(queue, results))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while sum(t.name.startswith("taskmaster-job-") for t in threading.enumerate()) < 6:
+            assert time.monotonic() < deadline, "the pool's threads did not start"
+            time.sleep(0.001)
+    finally:
+        queue.close()
+        runner.join(10)
+    assert not runner.is_alive() and results.finished == 0
+
+
+def test_the_thread_pool_runs_at_most_its_threads_jobs_at_once_and_records_every_one() -> None:
+    import threading
+
+    lock = threading.Lock()
+    running, peak = [0], [0]
+
+    def job(n: int) -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.002)
+        with lock:
+            running[0] -= 1
+
+    queue = JobQueue()
+    results = Results(lambda: None)
+    pool = executor.ThreadExecutor(job, threads=4)
+    queue.put(Batch(1, 0, [pickle.dumps(list(range(30)))], 30, packed=True))
+    queue.put(Batch(2, [100, 101], [pickle.dumps(100), pickle.dumps(101)]))
+    queue.close()
+    pool.run(queue, results)
+    ok, failed = _outcome(results)
+    assert sorted(ok) == [*range(30), 100, 101] and failed == []
+    assert 1 < peak[0] <= 4 and pool.active == 0
