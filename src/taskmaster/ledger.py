@@ -381,6 +381,9 @@ class Ledger:
     def failures(self) -> list[Failure]:
         return list(_read_failures(self._conn))
 
+    def prepare(self) -> None:
+        """Nothing to do: an open ledger is ready (see :meth:`FreshLedger.prepare`)."""
+
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()
@@ -403,8 +406,12 @@ class LedgerView:
             raise LedgerError(f"{path}: no state file (has this run started?)")
         self.path = path
         self._conn = _connect(path, readonly=True)
-        if not _check_schema(self._conn, path):
-            raise LedgerCorrupt(f"{path}: empty state file")
+        try:
+            if not _check_schema(self._conn, path):
+                raise LedgerCorrupt(f"{path}: empty state file")
+        except BaseException:
+            self._conn.close()
+            raise
 
     def checkpoint(self) -> Checkpoint:
         return _read_checkpoint(self._conn, self.path)

@@ -193,6 +193,7 @@ class Master:
         self._probe_again = False
         self._next_checkpoint = self.started_at + config.checkpoint_interval_s
         self._next_report = 0.0
+        self._prepare_state_by = self.started_at + REPORT_INTERVAL_S
         self._rate_samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=40)
 
     # -- the loop ------------------------------------------------------------------------
@@ -226,6 +227,11 @@ class Master:
         self._take_bad_jobs(now)
         if not self.stopping:
             self.dispatch(now)
+        if self.first_dispatch_s is not None or now >= self._prepare_state_by:
+            # A fresh state's tables load SQLite on a thread, which holds the GIL: once jobs
+            # are out rather than during the handshakes, or by the first report (say, a
+            # tm-master no worker has reached yet, which `tm status` must still read).
+            self.ledger.prepare()
         disconnects = getattr(self.transport, "disconnects", 0)
         if disconnects != self._disconnects_seen:
             self._disconnects_seen = disconnects

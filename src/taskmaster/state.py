@@ -244,6 +244,10 @@ class FreshLedger:
     cannot be created, still fails before any job is sent. SQLite and the schema come on a
     thread, which the first write waits for; a failure there (a full disk) is raised by that
     write. Until then this answers what a new :class:`Ledger` would.
+
+    The thread starts at :meth:`prepare`, which the master calls once its first jobs are out:
+    before that, loading SQLite holds the GIL and the CPU that the master's handshakes with
+    its workers need (4 ms of every start).
     """
 
     fresh = True
@@ -278,7 +282,13 @@ class FreshLedger:
         self._thread = threading.Thread(
             target=self._create, args=(identity,), name="taskmaster-state", daemon=True
         )
-        self._thread.start()
+        self._started = False
+
+    def prepare(self) -> None:
+        """Start creating the file's tables, if not yet begun."""
+        if not self._started:
+            self._started = True
+            self._thread.start()
 
     def _create(self, identity: dict[str, Any]) -> None:
         try:
@@ -289,6 +299,7 @@ class FreshLedger:
             self._error = exc
 
     def _ready(self) -> Ledger:
+        self.prepare()
         self._thread.join()
         ledger = self._ledger
         if ledger is None:
@@ -325,6 +336,7 @@ class FreshLedger:
         return self._ready().failures()
 
     def close(self) -> None:
+        self.prepare()  # a state file is left whole even if nothing was ever written
         self._thread.join()
         if self._ledger is not None:
             self._ledger.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from taskmaster.errors import LedgerError
 from taskmaster.ledger import CompletedSet, LedgerView
 from tests.conftest import Processes, read_record, wait_until
 
@@ -299,6 +300,15 @@ def test_out_of_order_completion_is_resumed_without_rerunning_the_rest(
 # -- refusals that change nothing -------------------------------------------------------------
 
 
+def _readable(path: Path) -> bool:
+    try:
+        view = LedgerView(path)
+    except LedgerError:
+        return False
+    view.close()
+    return True
+
+
 def _snapshot(path: Path) -> tuple[bytes, int]:
     return path.read_bytes(), path.stat().st_mtime_ns
 
@@ -338,6 +348,7 @@ def test_a_second_master_on_the_same_ledger_is_refused(
         "tm-run", "tasks.py", "1", "n=10", "--state", str(state), "--no-progress", env=env
     )
     wait_until(lambda: Path(f"{gate}.started").exists(), 30)  # the first master holds the state
+    wait_until(lambda: _readable(state), 30)  # and has written its tables (on a thread)
     before = _snapshot(state)
     second = procs.run("tm-master", "tasks.py", "n=10", "--state", str(state), env=env, timeout=30)
     lines = [line for line in second.stderr.splitlines() if line.strip()]

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -436,6 +437,40 @@ def test_a_fresh_state_answers_at_once_and_is_written_like_any_other(tmp_path: P
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         conn.close()
+
+
+def test_a_fresh_state_loads_sqlite_only_once_prepared(tmp_path: Path) -> None:
+    # Until the master's first jobs are out, nothing may take the GIL from its handshakes:
+    # the empty file and the lock are there, the tables are not.
+    path = tmp_path / "state.db"
+    fresh = FreshLedger.start(path, IDENTITY)
+    assert fresh is not None
+    try:
+        assert not any(t.name == "taskmaster-state" for t in threading.enumerate())
+        assert path.stat().st_size == 0 and MasterLock.is_held(path)
+        fresh.prepare()
+        fresh.prepare()  # once is enough
+        fresh.checkpoint(Checkpoint(done=3))
+    finally:
+        fresh.close()
+    again = Ledger.open(path, IDENTITY)
+    try:
+        assert again.checkpoint_row.done == 3
+    finally:
+        again.close()
+
+
+def test_a_fresh_state_never_written_is_still_a_whole_state_when_closed(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    fresh = FreshLedger.start(path, IDENTITY)
+    assert fresh is not None
+    fresh.close()  # say, a master stopped before any worker came
+    assert not MasterLock.is_held(path)
+    again = Ledger.open(path, IDENTITY)
+    try:
+        assert not again.fresh and again.run_id == fresh.run_id
+    finally:
+        again.close()
 
 
 def test_an_existing_state_is_not_fresh(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from taskmaster.master import (
     EXIT_OK,
     MAX_BATCH,
     PROBE_WINDOW_S,
+    REPORT_INTERVAL_S,
     SUSPECT_SINGLES,
     Master,
     MasterConfig,
@@ -245,6 +246,34 @@ def lose(h: Harness, worker: FakeWorker) -> None:
 
 
 # -- hello, credit, acks -----------------------------------------------------------------
+
+
+def test_the_state_is_prepared_once_the_first_jobs_are_out(
+    make: Callable[..., Harness],
+) -> None:
+    # A fresh state's tables load SQLite on a thread, which holds the GIL: not while the
+    # master still answers handshakes and hellos, only once jobs are out.
+    h = make()
+    prepared: list[int] = []
+    h.master.ledger.prepare = lambda: prepared.append(h.master.in_flight)  # type: ignore[method-assign]
+    w = h.joined(credit=0)
+    h.step()
+    assert prepared == []
+    w.ack(credit=3)
+    h.step()
+    assert prepared and prepared[0] == 3
+
+
+def test_the_state_is_prepared_by_the_first_report_if_no_worker_comes(
+    make: Callable[..., Harness],
+) -> None:
+    h = make()
+    prepared: list[float] = []
+    h.master.ledger.prepare = lambda: prepared.append(h.clock.now)  # type: ignore[method-assign]
+    h.step()
+    assert prepared == []
+    h.step(REPORT_INTERVAL_S)
+    assert prepared
 
 
 def test_hello_is_welcomed_with_the_config(make: Callable[..., Harness]) -> None:
