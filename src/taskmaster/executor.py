@@ -8,6 +8,7 @@ socket, so heartbeats and acknowledgements keep flowing while a job runs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import pickle
 import threading
@@ -70,22 +71,27 @@ class Batch:
         return range(ids, ids + self.count) if isinstance(ids, int) else ids
 
 
-def batches(queue: JobQueue, results: Results) -> Iterator[tuple[Batch, list[Any], bool]]:
+def batches(
+    queue: JobQueue, results: Results, lock: threading.Lock | None = None
+) -> Iterator[tuple[Batch, list[Any], bool]]:
     """Each batch from ``queue`` until it closes, with its items (see :func:`unpack`)."""
     while True:
         batch = queue.get()
         if batch is None:
             return
-        unpacked = unpack(batch, results)
+        unpacked = unpack(batch, results, lock)
         if unpacked is not None:
             yield batch, *unpacked
 
 
-def unpack(batch: Batch, results: Results) -> tuple[list[Any], bool] | None:
+def unpack(
+    batch: Batch, results: Results, lock: threading.Lock | None = None
+) -> tuple[list[Any], bool] | None:
     """The batch's items and whether they are jobs already (packed) or pickles to load.
 
     A packed batch that cannot be unpickled here (say, a class this machine cannot import)
-    fails as a whole: every job in it is reported with the error.
+    fails as a whole: every job in it is reported with the error, under ``lock`` when other
+    threads record results at the same time.
     """
     if not batch.packed:
         return batch.payloads, False
@@ -98,10 +104,11 @@ def unpack(batch: Batch, results: Results) -> tuple[list[Any], bool] | None:
             raise ValueError(f"a batch of {batch.count} jobs held {len(jobs)}")
     except JOB_ERRORS as exc:
         described = describe_exception(exc)
-        for job_id in batch.id_seq():
-            results.failed.append((batch.seq, job_id, *described))
-        results.finished += batch.count
-        results.post()
+        with lock or contextlib.nullcontext():
+            for job_id in batch.id_seq():
+                results.failed.append((batch.seq, job_id, *described))
+            results.finished += batch.count
+            results.post()
         return None
     return jobs, True
 
@@ -312,10 +319,27 @@ class _Concurrent:
         self._idle = threading.Condition(self._lock)  # notified when ``active`` drops to 0
         self.active = 0  # jobs handed out whose result is not yet recorded
         self._finished_at_post = 0  # results.finished when the I/O thread was last woken
+        self._stopped = False  # interrupted: no job is handed out any more
 
-    def _handing_out(self) -> None:
+    def _handing_out(self) -> bool:
+        """Count one more job out; False once stopped (the job must not start)."""
         with self._lock:
+            if self._stopped:
+                return False
             self.active += 1
+            return True
+
+    def _stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+
+    def _post_unposted(self, results: Results) -> None:
+        """Wake the I/O thread if results wait for it: a thread is about to wait for jobs,
+        and the credit for its slot is what brings them."""
+        with self._lock:
+            if results.finished != self._finished_at_post:
+                self._finished_at_post = results.finished
+                results.post()
 
     def _started(self, results: Results, seq: int, job_id: int) -> None:
         results.running[job_id] = (_monotonic(), seq)
@@ -366,22 +390,29 @@ class _Concurrent:
 class _SharedJobs:
     """The jobs of the queue's batches, one at a time, to whichever thread asks first."""
 
-    def __init__(self, queue: JobQueue, results: Results, handing_out: Callable[[], None]) -> None:
-        self._batches = batches(queue, results)
-        self._handing_out = handing_out  # counted under our lock, before ``drained`` is set
+    def __init__(self, queue: JobQueue, results: Results, pool: _Concurrent) -> None:
+        self._queue = queue
+        self._results = results
+        self._pool = pool  # counts each job out under our lock, so before ``drained`` is set
+        self._batches = batches(queue, results, pool._lock)
         self._lock = threading.Lock()
         self._current: Iterator[tuple[int, int, Any, bool]] = iter(())
         self._over = False
         self.drained = threading.Event()  # the queue closed and every job was taken
 
     def take(self) -> tuple[int, int, Any, bool] | None:
-        """(seq, job id, item, packed) of the next job; ``None`` once the queue is closed
-        and drained, or after :meth:`stop`. Blocks while the queue is empty."""
+        """(seq, job id, item, packed) of the next job, counted out; ``None`` once the queue
+        is closed and drained, or the pool stopped. Blocks while the queue is empty."""
         with self._lock:
             while not self._over:
-                for job in self._current:
-                    self._handing_out()
-                    return job
+                job = next(self._current, None)
+                if job is not None:
+                    if self._pool._handing_out():
+                        return job
+                    self._over = True  # the pool stopped: no job starts any more
+                    break
+                if not self._queue.queued_jobs:
+                    self._pool._post_unposted(self._results)
                 taken = next(self._batches, None)
                 if taken is None:
                     self._over = True
@@ -392,10 +423,6 @@ class _SharedJobs:
                     itertools.repeat(batch.seq), batch.id_seq(), items, itertools.repeat(packed)
                 )
             return None
-
-    def stop(self) -> None:
-        """No job starts after this (the ones a thread already took still run)."""
-        self._over = True
 
 
 class ThreadExecutor(_Concurrent):
@@ -411,7 +438,7 @@ class ThreadExecutor(_Concurrent):
         self.handle_job = handle_job
 
     def run(self, queue: JobQueue, results: Results) -> None:
-        jobs = _SharedJobs(queue, results, self._handing_out)
+        jobs = _SharedJobs(queue, results, self)
         for index in range(self.slots):
             threading.Thread(
                 target=self._work, args=(jobs, queue, results), name=f"taskmaster-job-{index}",
@@ -423,11 +450,13 @@ class ThreadExecutor(_Concurrent):
             # leave one by one (4 ms for fifty), and end with the process anyway.
             jobs.drained.wait()
             self._wait_idle()
-        finally:
-            if not jobs.drained.is_set():  # interrupted: the jobs running now still finish
-                jobs.stop()
-                while not self._wait_idle(0.05):
-                    pass
+        except BaseException:
+            # Interrupted: no job starts any more, and the ones running finish and are
+            # recorded before the worker closes its pipe to the I/O thread.
+            self._stop()
+            while not self._wait_idle(0.05):
+                pass
+            raise
 
     def _work(self, jobs: _SharedJobs, queue: JobQueue, results: Results) -> None:
         handle = self.handle_job
@@ -440,7 +469,9 @@ class ThreadExecutor(_Concurrent):
             error: BaseException | None = None
             try:
                 handle(item if packed else _loads(item))
-            except JOB_ERRORS as exc:
+            except BaseException as exc:
+                # No signal reaches this thread: whatever the job raised is its failure
+                # (re-raised, it would end the thread with the job counted out forever).
                 error = exc
             self._ended(results, queue, seq, job_id, error)
 

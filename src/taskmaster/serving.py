@@ -273,6 +273,8 @@ def _serve(
             max_job_bytes=config.max_job_bytes, on_ready=on_ready,
         )  # fmt: skip
         if config.total is None:
+            if options.count_jobs is not None:
+                ledger.prepare()  # count_jobs may take a while: the state file is made meanwhile
             config.total = _total(options)
     wake.append(transport.wake)
     logger.info("master listening on %s, state %s", transport.address, ledger.path)

@@ -267,7 +267,7 @@ class FreshLedger:
             raise LedgerError(f"{path}: cannot use the state file ({exc})") from exc
         try:
             return cls(path, identity, lock)
-        except BaseException:  # no thread to hand the lock to (say, none could start)
+        except BaseException:  # nothing else would give the lock back
             lock.release()
             raise
 
@@ -279,16 +279,29 @@ class FreshLedger:
         self._lock = lock
         self._ledger: Ledger | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._create, args=(identity,), name="taskmaster-state", daemon=True
-        )
-        self._started = False
+        self._identity = identity
+        self._thread: threading.Thread | None = None
+        self._prepared = False
 
     def prepare(self) -> None:
         """Start creating the file's tables, if not yet begun."""
-        if not self._started:
-            self._started = True
-            self._thread.start()
+        if self._prepared:
+            return
+        self._prepared = True
+        thread = threading.Thread(
+            target=self._create, args=(self._identity,), name="taskmaster-state", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had (a process at its limit): here, then
+            self._create(self._identity)
+        else:
+            self._thread = thread
+
+    def _wait(self) -> None:
+        self.prepare()
+        if self._thread is not None:
+            self._thread.join()
 
     def _create(self, identity: dict[str, Any]) -> None:
         try:
@@ -299,8 +312,7 @@ class FreshLedger:
             self._error = exc
 
     def _ready(self) -> Ledger:
-        self.prepare()
-        self._thread.join()
+        self._wait()
         ledger = self._ledger
         if ledger is None:
             error = self._error
@@ -336,8 +348,7 @@ class FreshLedger:
         return self._ready().failures()
 
     def close(self) -> None:
-        self.prepare()  # a state file is left whole even if nothing was ever written
-        self._thread.join()
+        self._wait()  # a state file is left whole even if nothing was ever written
         if self._ledger is not None:
             self._ledger.close()
         else:

@@ -143,9 +143,6 @@ class Supervisor:
                 # signalled only the workers that existed then: do not start another.
                 slot.finished = True
                 return
-            # The collector never walks what exists now, in here or in the child: a walk
-            # writes to every object it visits, and so copies the child's inherited pages.
-            gc.freeze()
             pid = os.fork()
             if pid == 0:  # the child
                 status = 1
@@ -187,6 +184,10 @@ class Supervisor:
         return self._boxes[first : first + BLACK_BOX_FIELDS]
 
     def start(self) -> None:
+        # The collector never walks what exists now, in here or in the workers: a walk
+        # writes to every object it visits, and so would copy a worker's inherited pages.
+        # Once, not at every respawn: what is frozen is never collected.
+        gc.freeze()
         for slot in self.slots:
             self._spawn(slot)
 

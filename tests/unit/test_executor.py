@@ -222,3 +222,62 @@ def test_the_thread_pool_runs_at_most_its_threads_jobs_at_once_and_records_every
     ok, failed = _outcome(results)
     assert sorted(ok) == [*range(30), 100, 101] and failed == []
     assert 1 < peak[0] <= 4 and pool.active == 0
+
+
+def test_a_thread_job_raising_a_base_exception_is_its_failure_and_the_run_ends() -> None:
+    class Stop(BaseException):
+        pass
+
+    def job(n: int) -> None:
+        if n == 1:
+            raise Stop("not an Exception")
+
+    queue = JobQueue()
+    results = Results(lambda: None)
+    pool = executor.ThreadExecutor(job, threads=2)
+    queue.put(Batch(1, 0, [pickle.dumps([0, 1, 2])], 3, packed=True))
+    queue.close()
+    pool.run(queue, results)
+    ok, failed = _outcome(results)
+    assert sorted(ok) == [0, 2] and failed == [1] and results.failed[0][2] == "Stop"
+    assert pool.active == 0
+
+
+def test_a_thread_about_to_wait_for_jobs_wakes_the_io_thread_for_its_credit() -> None:
+    # The fast job's result is neither a grant's worth nor the last out (the slow job still
+    # runs), but its thread has nothing left to run: the I/O thread must hear of it now, not
+    # at its next poll timeout, or the free thread waits for credit.
+    import threading
+
+    release, woken = threading.Event(), threading.Event()
+
+    def job(n: int) -> None:
+        if n == 1:
+            release.wait(10)
+
+    queue = JobQueue()
+    queue.low_water, queue.post_every = 0, 100
+    results = Results(lambda: woken.set() if results.finished == 1 else None)
+    pool = executor.ThreadExecutor(job, threads=2)
+    queue.put(Batch(1, 0, [pickle.dumps([0, 1])], 2, packed=True))
+    runner = threading.Thread(target=pool.run, args=(queue, results))
+    runner.start()
+    try:
+        assert woken.wait(10), "the finished job was not posted"
+        assert results.finished == 1 and pool.active == 1
+    finally:
+        release.set()
+        queue.close()
+        runner.join(10)
+    assert results.finished == 2
+
+
+def test_a_stopped_pool_hands_out_no_more_jobs() -> None:
+    queue = JobQueue()
+    results = Results(lambda: None)
+    pool = executor.ThreadExecutor(lambda job: None, threads=1)
+    jobs = executor._SharedJobs(queue, results, pool)
+    queue.put(Batch(1, 0, [pickle.dumps([0, 1])], 2, packed=True))
+    assert jobs.take() is not None and pool.active == 1
+    pool._stop()
+    assert jobs.take() is None and pool.active == 1

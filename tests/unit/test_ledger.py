@@ -473,6 +473,30 @@ def test_a_fresh_state_never_written_is_still_a_whole_state_when_closed(tmp_path
         again.close()
 
 
+def test_a_fresh_state_is_made_in_place_when_no_thread_can_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    path = tmp_path / "state.db"
+    fresh = FreshLedger.start(path, IDENTITY)
+    assert fresh is not None
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    try:
+        fresh.prepare()
+        fresh.checkpoint(Checkpoint(done=2))
+    finally:
+        fresh.close()
+    monkeypatch.undo()
+    assert not MasterLock.is_held(path)
+    again = Ledger.open(path, IDENTITY)
+    try:
+        assert again.checkpoint_row.done == 2
+    finally:
+        again.close()
+
+
 def test_an_existing_state_is_not_fresh(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     Ledger.open(path, IDENTITY).close()
