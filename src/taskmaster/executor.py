@@ -439,12 +439,12 @@ class ThreadExecutor(_Concurrent):
 
     def run(self, queue: JobQueue, results: Results) -> None:
         jobs = _SharedJobs(queue, results, self)
-        for index in range(self.slots):
-            threading.Thread(
-                target=self._work, args=(jobs, queue, results), name=f"taskmaster-job-{index}",
-                daemon=True,
-            ).start()  # fmt: skip
         try:
+            for index in range(self.slots):
+                threading.Thread(
+                    target=self._work, args=(jobs, queue, results),
+                    name=f"taskmaster-job-{index}", daemon=True,
+                ).start()  # fmt: skip
             # Once the queue is closed and drained, no job starts: the run is over when the
             # last one running has its result recorded. The threads are not waited for: they
             # leave one by one (4 ms for fifty), and end with the process anyway.
@@ -454,8 +454,7 @@ class ThreadExecutor(_Concurrent):
             # Interrupted: no job starts any more, and the ones running finish and are
             # recorded before the worker closes its pipe to the I/O thread.
             self._stop()
-            while not self._wait_idle(0.05):
-                pass
+            self._wait_idle()
             raise
 
     def _work(self, jobs: _SharedJobs, queue: JobQueue, results: Results) -> None:

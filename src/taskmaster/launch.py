@@ -120,7 +120,7 @@ def run_all(master: MasterOptions, worker: WorkerOptions, n: int) -> Outcome:
         secret = master.secret or security.master_secret(address, master.secret_file)
         master.secret = worker.secret = secret
     read_fd, write_fd = os.pipe()
-    gc.freeze()  # see Supervisor._spawn
+    gc.freeze()  # see Supervisor.start
     pid = os.fork()
     if pid == 0:
         os.close(write_fd)

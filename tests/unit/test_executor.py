@@ -281,3 +281,40 @@ def test_a_stopped_pool_hands_out_no_more_jobs() -> None:
     assert jobs.take() is not None and pool.active == 1
     pool._stop()
     assert jobs.take() is None and pool.active == 1
+
+
+def test_an_interrupted_thread_pool_finishes_its_running_job_and_starts_no_other() -> None:
+    import signal
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    def job(n: int) -> None:
+        ran.append(n)
+        started.set()
+        release.wait(10)
+
+    queue = JobQueue()
+    results = Results(lambda: None)
+    pool = executor.ThreadExecutor(job, threads=1)
+    queue.put(Batch(1, 0, [pickle.dumps([0, 1, 2])], 3, packed=True))
+
+    def interrupt() -> None:
+        assert started.wait(10)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)  # Ctrl-C
+        deadline = time.monotonic() + 10
+        while not pool._stopped and time.monotonic() < deadline:
+            time.sleep(0.001)
+        release.set()  # the running job ends only once the pool has stopped
+
+    interrupter = threading.Thread(target=interrupt)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.run(queue, results)
+    finally:
+        release.set()
+        interrupter.join(10)
+        queue.close()
+    assert ran == [0] and results.finished == 1 and pool.active == 0
