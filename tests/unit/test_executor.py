@@ -140,17 +140,26 @@ def test_a_packed_batch_whose_count_is_wrong_fails_whole_rather_than_ack_unrun_j
     assert results.failed[0][2] == "ValueError"
 
 
+def _all_out(
+    threads: int, *, low_water: int, post_every: int
+) -> tuple[JobQueue, Results, list[int], executor.ThreadExecutor]:
+    """A pool with all its threads' jobs out, and the finished counts at each wake-up."""
+    queue = JobQueue()
+    queue.low_water, queue.post_every = low_water, post_every
+    wakes: list[int] = []
+    results = Results(lambda: wakes.append(results.finished))
+    pool = executor.ThreadExecutor(lambda job: None, threads=threads)
+    for _ in range(threads):
+        pool._handing_out()
+    return queue, results, wakes, pool
+
+
 def test_a_concurrent_executor_wakes_the_io_thread_per_grant_not_per_job() -> None:
     # Five jobs out at once, none of the queue's low water left to wait for: the I/O thread
     # hears of the third (a grant's worth, post_every=3) and of the last one out (whose
     # result must not wait for a poll timeout), not of each.
-    queue = JobQueue()
-    queue.low_water, queue.post_every = 0, 3
-    wakes: list[int] = []
-    results = Results(lambda: wakes.append(results.finished))
-    pool = executor.ThreadExecutor(lambda job: None, threads=5)
+    queue, results, wakes, pool = _all_out(5, low_water=0, post_every=3)
     for job_id in range(5):
-        pool._handing_out()
         pool._started(results, 1, job_id)
     for job_id in range(5):
         pool._ended(results, queue, 1, job_id, None)
@@ -165,13 +174,7 @@ def test_a_concurrent_executor_wakes_the_io_thread_while_its_queue_runs_low(
     # every MIN_POST_GAP_S (a fake clock here), even with no grant's worth finished.
     clock = [50.0]
     monkeypatch.setattr(executor, "_monotonic", lambda: clock[0])
-    queue = JobQueue()
-    queue.low_water, queue.post_every = 4, 1000
-    wakes: list[int] = []
-    results = Results(lambda: wakes.append(results.finished))
-    pool = executor.ThreadExecutor(lambda job: None, threads=8)
-    for _ in range(8):
-        pool._handing_out()
+    queue, results, wakes, pool = _all_out(8, low_water=4, post_every=1000)
     for job_id, step in enumerate([0.001, 0.0005, 0.0005, 0.003, 0.001, 0.0015, 0.0001]):
         clock[0] += step
         pool._ended(results, queue, 1, job_id, None)

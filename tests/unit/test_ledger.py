@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -14,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -136,6 +138,16 @@ def _file_state(path: Path) -> tuple[bytes, int, int]:
     return path.read_bytes(), st.st_mtime_ns, st.st_size
 
 
+@contextlib.contextmanager
+def _reopened(path: Path) -> Iterator[Ledger]:
+    """The state at ``path`` opened again, as the next master would, and closed after."""
+    ledger = Ledger.open(path, IDENTITY)
+    try:
+        yield ledger
+    finally:
+        ledger.close()
+
+
 def test_created_0600_in_wal_mode_with_the_schema_version(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "state.db"
     ledger = Ledger.open(path, IDENTITY)
@@ -173,8 +185,7 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     ledger.checkpoint(state)
     ledger.close()
 
-    again = Ledger.open(path, IDENTITY)
-    try:
+    with _reopened(path) as again:
         cp = again.checkpoint_row
         assert not again.fresh
         assert (cp.watermark, cp.ranges) == (100, [(150, 160)])
@@ -185,8 +196,6 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
         assert cp.updated and "T" in cp.updated
         [failure] = again.failures()
         assert (failure.job_id, failure.attempts, failure.error) == (120, 2, "ValueError")
-    finally:
-        again.close()
     view = LedgerView(path)
     try:
         assert view.checkpoint().done == 109
@@ -424,14 +433,11 @@ def test_a_fresh_state_answers_at_once_and_is_written_like_any_other(tmp_path: P
     finally:
         fresh.close()
     assert not MasterLock.is_held(path)
-    again = Ledger.open(path, IDENTITY)
-    try:
+    with _reopened(path) as again:
         assert not again.fresh and again.run_id == fresh.run_id
         assert again.checkpoint_row.watermark == 40 and again.checkpoint_row.done == 40
         [failure] = again.failures()
         assert failure.job_id == 41
-    finally:
-        again.close()
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -453,11 +459,8 @@ def test_a_fresh_state_loads_sqlite_only_once_prepared(tmp_path: Path) -> None:
         fresh.checkpoint(Checkpoint(done=3))
     finally:
         fresh.close()
-    again = Ledger.open(path, IDENTITY)
-    try:
+    with _reopened(path) as again:
         assert again.checkpoint_row.done == 3
-    finally:
-        again.close()
 
 
 def test_a_fresh_state_never_written_is_still_a_whole_state_when_closed(tmp_path: Path) -> None:
@@ -466,11 +469,8 @@ def test_a_fresh_state_never_written_is_still_a_whole_state_when_closed(tmp_path
     assert fresh is not None
     fresh.close()  # say, a master stopped before any worker came
     assert not MasterLock.is_held(path)
-    again = Ledger.open(path, IDENTITY)
-    try:
+    with _reopened(path) as again:
         assert not again.fresh and again.run_id == fresh.run_id
-    finally:
-        again.close()
 
 
 def test_a_fresh_state_is_made_in_place_when_no_thread_can_start(
@@ -490,11 +490,8 @@ def test_a_fresh_state_is_made_in_place_when_no_thread_can_start(
         fresh.close()
     monkeypatch.undo()
     assert not MasterLock.is_held(path)
-    again = Ledger.open(path, IDENTITY)
-    try:
+    with _reopened(path) as again:
         assert again.checkpoint_row.done == 2
-    finally:
-        again.close()
 
 
 def test_an_existing_state_is_not_fresh(tmp_path: Path) -> None:
