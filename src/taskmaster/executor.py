@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 MAX_TRACEBACK_CHARS = 8000
 # Within a long batch, report finished jobs at least this often so the master's ledger and
-# progress move on, and a crash re-runs little.
-ACK_INTERVAL_S = 0.05
+# progress move on, and a crash re-runs little. Each report wakes the I/O thread, which then
+# takes the GIL from the running job: as often as the grants (worker.PREFETCH_S) need anyway.
+ACK_INTERVAL_S = 0.2
 # The serial executor wakes the I/O thread after a batch only when fewer jobs than the
 # queue's ``low_water`` are queued (or ACK_INTERVAL_S has passed); the I/O thread sets it from
 # its window, and never below this.

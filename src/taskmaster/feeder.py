@@ -29,8 +29,9 @@ MAX_CHUNK = 8192
 CHUNK_FLUSH_S = 0.005
 REPLAY_STEP = 100_000
 # Credit from which a chunk may overshoot it rather than be split (see Feeder.take). Windows
-# this big only come with very fast jobs (a 30 ms prefetch of jobs under 30 us), where a
-# split's cost matters; slower jobs keep exact fills, so the last ones spread evenly.
+# this big come with fast jobs (worker.PREFETCH_S of jobs under 200 us a slot), where a
+# split's cost matters; slower jobs keep exact fills. The end of a run is always filled
+# exactly (Master._share), so the last jobs spread evenly.
 OVERSHOOT_MIN = 1024
 # Packed chunks stop growing past this size, so big jobs travel in small messages.
 CHUNK_BYTES = 1024 * 1024

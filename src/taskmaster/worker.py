@@ -45,11 +45,16 @@ MAX_WINDOW = 16384
 MAX_WINDOW_BYTES = 8 * 1024 * 1024
 # Jobs this many times slower than the measured mean restart the measurement (Session._measure).
 SLOWER_RESTART = 4.0
-# How much queued work a worker asks for beyond its running slots: enough to cover a round
-# trip to the master, small enough that the last jobs of a run are spread over all workers.
-# The round trip is more than the network: while a CPU-bound job holds the GIL, the I/O
+# How much queued work a worker asks for beyond its running slots. It must cover a round trip
+# to the master, which is more than the network: while a CPU-bound job holds the GIL, the I/O
 # thread waits up to the switch interval (5 ms) to send the ack, and again to take the reply.
-PREFETCH_S = 0.03
+# Beyond that, a longer prefetch means fewer messages: a grant is half of it, so each worker
+# sends about 10 ACKs a second whatever its jobs take. Every message wakes the I/O thread,
+# which takes the GIL from the running job, and the master, which takes a core from a worker;
+# with 5 ms jobs on 2 cores, 30 ms of prefetch cost 2% of the run against this. The master
+# shares out the end of a run by slots (Master._share), so a long prefetch does not leave one
+# worker with the last jobs while another idles.
+PREFETCH_S = 0.2
 HELLO_RETRY_S = 1.0
 # Well under the master's frame limit (protocol.MAX_WORKER_FRAME_BYTES).
 ACK_BUDGET_BYTES = 1024 * 1024

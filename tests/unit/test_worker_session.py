@@ -31,6 +31,7 @@ from taskmaster.worker import (
     EXIT_OK,
     HELLO_RETRY_S,
     MAX_WINDOW,
+    PREFETCH_S,
     Session,
     _merge,
 )
@@ -133,8 +134,8 @@ def test_merge_keeps_every_id() -> None:
 def test_window_before_and_after_measuring() -> None:
     session, _ = make_session(slots=4)
     assert session.window() == 8
-    session.job_time_s = 0.001  # 1 ms jobs: 4 slots + 30 ms worth of prefetch
-    assert session.window() == 4 + 120
+    session.job_time_s = 0.001  # 1 ms jobs: 4 slots + PREFETCH_S of 4 slots' work
+    assert session.window() == 4 + int(PREFETCH_S * 4 / 0.001)
     session.job_time_s = 10.0  # slow jobs: no prefetch at all
     assert session.window() == 4
     session.job_time_s = 1e-9
@@ -150,7 +151,7 @@ def _finish(session: Session, jobs: int, seconds_each: float) -> None:
 def test_a_slow_cold_start_does_not_hold_the_window_small() -> None:
     session, _ = make_session()
     _finish(session, 2, 0.001)  # the first two jobs: imports, cold caches
-    assert session.window() < 100
+    assert session.window() == 1 + int(PREFETCH_S / 0.001)
     _finish(session, 4096, 1e-7)  # then thousands of fast ones
     assert session.job_time_s < 1e-6
     assert session.window() == MAX_WINDOW
@@ -172,7 +173,7 @@ def test_thousands_of_fast_jobs_do_not_hide_a_turn_to_slow_ones() -> None:
     assert session.window() == MAX_WINDOW
     _finish(session, 3, 0.01)  # the jobs now take 10 ms each
     assert session.job_time_s == pytest.approx(0.01)
-    assert session.window() == 1 + 3  # 30 ms of prefetch
+    assert session.window() == 1 + int(PREFETCH_S / 0.01)  # PREFETCH_S of 10 ms jobs
 
 
 def _jobs_frame(payloads: list[bytes]) -> bytes:
