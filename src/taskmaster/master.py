@@ -89,7 +89,7 @@ class WorkerState:
 
     __slots__ = (
         "identity", "host", "pid", "slots", "credit", "last_seen", "leases", "done",
-        "running_job", "running_s", "running_seen", "rate_mark", "rate",
+        "running_job", "running_s", "running_seen", "rate_mark", "rate", "end_window",
     )  # fmt: skip
 
     def __init__(
@@ -108,6 +108,9 @@ class WorkerState:
         self.running_seen = 0.0
         self.rate_mark = (0.0, 0)
         self.rate = 0.0
+        # What it needs held at the end of a run (see Master._share); until its first ACK
+        # says, what it first asked for.
+        self.end_window = max(slots, credit)
 
     @property
     def name(self) -> str:
@@ -349,6 +352,8 @@ class Master:
             worker.done += acked_total
             worker.last_seen = now
             worker.credit += ack.credit
+            if ack.end_window:
+                worker.end_window = ack.end_window
 
     def _lease_progress(self, lease: Lease, worker: WorkerState, count: int) -> None:
         """``count`` more jobs of ``lease`` were reported; forget the lease when none is left."""
@@ -574,9 +579,19 @@ class Master:
         return sum(w.slots for w in workers.values()), left
 
     def _share(self, worker: WorkerState, total_slots: int, left: int) -> int:
-        """How many more jobs ``worker`` may take: its slots' share of all that is left, less
-        what it holds."""
-        return -(-left * worker.slots // total_slots) - self._held(worker)
+        """How many more jobs ``worker`` may take once get_jobs is exhausted.
+
+        At most its slots' share of all that is left. And once that share is less than twice
+        what it asks for (its window: long, so that messages are few), it holds half the share,
+        but never less than its end window (a round trip's work): the master keeps the rest for
+        whichever worker runs dry first. Otherwise jobs queued at a slower worker decide the
+        end of the run while a faster one idles (48 ms on a run of 400 × 5 ms jobs, against
+        about 10 this way).
+        """
+        held = self._held(worker)
+        share = -(-left * worker.slots // total_slots)
+        window = worker.credit + held
+        return min(share, max(worker.end_window, min(window, share // 2))) - held
 
     def _held(self, worker: WorkerState) -> int:
         leases = self.leases

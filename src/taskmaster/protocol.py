@@ -9,9 +9,11 @@ Worker → master::
 
     HELLO      [1, version, {"host": str, "pid": int, "slots": int, "died"?: [id, job, seq]},
                 credit]                                    died: the predecessor's last job
-    ACK        [2, credit, acks, failures]
+    ACK        [2, credit, acks, failures, end_window]
                  acks:     [[seq, first_id, count], …]    jobs first_id … first_id+count-1 done
                  failures: [[seq, job_id, error, message, traceback], …]
+                 end_window: jobs it needs held to cover a round trip (its slots and a round
+                 trip's work), what the master keeps it to at the end of a run; 0: unchanged
     HEARTBEAT  [3, running_job_id or -1, running_s, done_total]
     BYE        [4, reason]                                 leaving; requeue what it holds
 
@@ -40,7 +42,7 @@ import msgpack
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 HELLO = 1
 ACK = 2
@@ -98,6 +100,7 @@ class Ack(NamedTuple):
     credit: int
     acks: list[tuple[int, int, int]]
     failures: list[tuple[int, int, str, str, str]]
+    end_window: int = 0  # 0: no news (see the module docstring)
 
 
 class Heartbeat(NamedTuple):
@@ -171,7 +174,7 @@ def decode_from_worker(frame: bytes) -> WorkerMessage:
     if type(kind) is not int:  # True == 1 and 1.0 == 1: neither is HELLO
         raise ProtocolError(f"bad message type ({_describe(kind)})")
     try:
-        if kind == ACK and len(msg) == 4:
+        if kind == ACK and len(msg) == 5:
             return _decode_ack(msg)
         if kind == HEARTBEAT and len(msg) == 4:
             return Heartbeat(_int(msg[1], -1), _seconds(msg[2]), _int(msg[3]))
@@ -223,7 +226,7 @@ def _decode_ack(msg: list[Any]) -> Ack:
                 _text(entry[4], MAX_TRACEBACK),
             )
         )
-    return Ack(_int(msg[1], 0, MAX_CREDIT), acks, failures)
+    return Ack(_int(msg[1], 0, MAX_CREDIT), acks, failures, _int(msg[4], 0, MAX_CREDIT))
 
 
 # Encoders, one per message, so the field order lives in this module only.
@@ -244,8 +247,9 @@ def ack(
     credit: int,
     acks: list[tuple[int, int, int]],
     failures: list[tuple[int, int, str, str, str]],
+    end_window: int = 0,
 ) -> bytes:
-    return pack([ACK, credit, acks, failures])
+    return pack([ACK, credit, acks, failures, end_window])
 
 
 def heartbeat(running_job: int, running_s: float, done_total: int) -> bytes:

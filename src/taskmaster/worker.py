@@ -52,9 +52,12 @@ SLOWER_RESTART = 4.0
 # sends about 10 ACKs a second whatever its jobs take. Every message wakes the I/O thread,
 # which takes the GIL from the running job, and the master, which takes a core from a worker;
 # with 5 ms jobs on 2 cores, 30 ms of prefetch cost 2% of the run against this. The master
-# shares out the end of a run by slots (Master._share), so a long prefetch does not leave one
+# shares out the end of a run by slots, and once little is left it holds each worker to its
+# end window (ROUND_TRIP_S of prefetch: Master._share), so a long prefetch does not leave one
 # worker with the last jobs while another idles.
 PREFETCH_S = 0.2
+# The prefetch that just covers a round trip: what a worker needs held at the end of a run.
+ROUND_TRIP_S = 0.03
 HELLO_RETRY_S = 1.0
 # Well under the master's frame limit (protocol.MAX_WORKER_FRAME_BYTES).
 ACK_BUDGET_BYTES = 1024 * 1024
@@ -133,11 +136,11 @@ class Session(threading.Thread):
 
     # -- credit --------------------------------------------------------------------------
 
-    def window(self) -> int:
-        """Jobs we want held for us: running slots plus enough prefetch for one round trip."""
+    def window(self, prefetch_s: float = PREFETCH_S) -> int:
+        """Jobs we want held for us: running slots plus ``prefetch_s`` of their work."""
         if self.job_time_s <= 0:
             return self.slots * 2
-        prefetch = int(PREFETCH_S * self.slots / self.job_time_s)
+        prefetch = int(prefetch_s * self.slots / self.job_time_s)
         window = min(self.slots + prefetch, MAX_WINDOW)
         if self._job_bytes.amount:
             fits = int(MAX_WINDOW_BYTES / self._job_bytes.mean)
@@ -300,13 +303,14 @@ class Session(threading.Thread):
             return
         credit = self._grant(window)
         if acks or failures or credit:
-            self._send_acks(credit, _merge(acks), failures)
+            self._send_acks(credit, _merge(acks), failures, self.window(ROUND_TRIP_S))
 
     def _send_acks(
         self,
         credit: int,
         acks: list[tuple[int, int, int]],
         failures: list[tuple[int, int, str, str, str]],
+        end_window: int = 0,
     ) -> None:
         """One ACK, or several when failures' tracebacks would pass the master's frame limit."""
         batch: list[tuple[int, int, str, str, str]] = []
@@ -318,7 +322,7 @@ class Session(threading.Thread):
                 batch, size = [], 0
             batch.append(failure)
             size += weight
-        self.transport.send(protocol.ack(credit, acks, batch))
+        self.transport.send(protocol.ack(credit, acks, batch, end_window))
 
     def _measure(self) -> None:
         """Update the mean duration of one job from what finished since the last look."""

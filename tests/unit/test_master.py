@@ -116,11 +116,12 @@ class FakeWorker:
         credit: int = 0,
         acks: list[tuple[int, int, int]] | None = None,
         failures: list[tuple[int, int, str, str, str]] | None = None,
+        end_window: int = 0,
     ) -> None:
-        self.send(protocol.ack(credit, acks or [], failures or []))
+        self.send(protocol.ack(credit, acks or [], failures or [], end_window))
 
-    def ack_batch(self, batch: Batch, credit: int = 0) -> None:
-        self.ack(credit, [(batch.seq, i, 1) for i in batch.ids])
+    def ack_batch(self, batch: Batch, credit: int = 0, end_window: int = 0) -> None:
+        self.ack(credit, [(batch.seq, i, 1) for i in batch.ids], end_window=end_window)
 
     def fail(self, batch: Batch, job_id: int, error: str = "ValueError", credit: int = 0) -> None:
         tb = f"Traceback (most recent call last):\n{error}: job {job_id}\n"
@@ -839,7 +840,8 @@ def test_a_worker_that_acks_takes_its_share_of_what_is_left(
     w2.hello(credit=2)
     h.step()
     (first,) = w1.batches()
-    w1.ack_batch(first, credit=100)  # 4 left, w2 holds 2: w1's share is 3
+    # 4 left, w2 holds 2: w1's share is 3, all of which a round trip needs.
+    w1.ack_batch(first, credit=100, end_window=100)
     h.step()
     assert sum(len(b.ids) for b in w1.batches()) == 3
     (held,) = w2.batches()
@@ -847,6 +849,35 @@ def test_a_worker_that_acks_takes_its_share_of_what_is_left(
     h.step()
     assert sum(len(b.ids) for b in w2.batches()) == 1
     assert h.feeder.buffered == 0
+
+
+def test_near_the_end_a_worker_holds_less_than_its_window(make: Callable[..., Harness]) -> None:
+    # Long windows (few messages) would queue the last jobs at one worker while another
+    # idles: once its share is under twice its window, a worker holds half of it, or its end
+    # window if more, and the master keeps the rest for whoever runs dry first.
+    h = make(range(100))
+    w1, w2 = h.worker("w1"), h.worker("w2")
+    w1.hello(credit=40)
+    w2.hello(credit=40)
+    h.step()
+    (b1,) = w1.batches()
+    (b2,) = w2.batches()
+    assert len(b1.ids) == len(b2.ids) == 40  # a share of 50 each: whole windows
+    assert h.feeder.buffered == 20
+    done, queued = Batch(b1.seq, b1.ids[:20], []), Batch(b1.seq, b1.ids[20:], [])
+    w1.ack_batch(done, credit=20, end_window=6)
+    h.step()
+    # 80 left: a share of 40, of which w1 may hold 20, and it holds 20 already.
+    assert w1.batches() == []
+    w1.ack_batch(queued, credit=20, end_window=6)
+    h.step()
+    (more,) = w1.batches()
+    assert len(more.ids) == 15  # 60 left: half its share of 30
+    assert h.feeder.buffered == 5
+    w2.ack_batch(b2, credit=40, end_window=6)
+    h.step()
+    (last,) = w2.batches()
+    assert len(last.ids) == 5  # 20 left: its end window (6) beats half its share; 5 remain
 
 
 def test_fast_jobs_share_the_end_too(make: Callable[..., Harness]) -> None:

@@ -45,6 +45,10 @@ def test_empty_ack_round_trip() -> None:
     assert decode_from_worker(protocol.ack(0, [], [])) == Ack(0, [], [])
 
 
+def test_ack_carries_the_end_window() -> None:
+    assert decode_from_worker(protocol.ack(3, [], [], 7)) == Ack(3, [], [], 7)
+
+
 @pytest.mark.parametrize(("running", "seconds"), [(-1, 0.0), (17, 2.5), (2**63 - 1, 0)])
 def test_heartbeat_round_trip(running: int, seconds: float) -> None:
     message = decode_from_worker(protocol.heartbeat(running, seconds, 99))
@@ -147,18 +151,21 @@ BAD_FRAMES: dict[str, bytes] = {
     "hello int map key": packb([protocol.HELLO, 1, {1: "h"}, 1]),
     "hello big map": packb([protocol.HELLO, 1, {f"k{i}": i for i in range(17)}, 1]),
     "ack wrong arity": packb([protocol.ACK, 1, []]),
-    "ack acks not a list": packb([protocol.ACK, 1, {"a": 1}, []]),
-    "ack entry short": packb([protocol.ACK, 1, [[1, 2]], []]),
-    "ack entry not a list": packb([protocol.ACK, 1, [7], []]),
-    "ack zero count": packb([protocol.ACK, 1, [[1, 2, 0]], []]),
-    "ack negative id": packb([protocol.ACK, 1, [[1, -2, 1]], []]),
-    "ack id above int64": packb([protocol.ACK, 1, [[1, 2**64 - 1, 1]], []]),
-    "ack negative credit": packb([protocol.ACK, -1, [], []]),
-    "ack huge credit": packb([protocol.ACK, 2**40, [], []]),
-    "ack float seq": packb([protocol.ACK, 1, [[1.5, 2, 1]], []]),
-    "ack failure short": packb([protocol.ACK, 1, [], [[1, 2, "E", "m"]]]),
-    "ack failure text not str": packb([protocol.ACK, 1, [], [[1, 2, "E", 5, "tb"]]]),
-    "ack failure bin traceback": packb([protocol.ACK, 1, [], [[1, 2, "E", "m", b"tb"]]]),
+    "ack of protocol 1 (no end window)": packb([protocol.ACK, 1, [], []]),
+    "ack negative end window": packb([protocol.ACK, 1, [], [], -1]),
+    "ack huge end window": packb([protocol.ACK, 1, [], [], protocol.MAX_CREDIT + 1]),
+    "ack acks not a list": packb([protocol.ACK, 1, {"a": 1}, [], 0]),
+    "ack entry short": packb([protocol.ACK, 1, [[1, 2]], [], 0]),
+    "ack entry not a list": packb([protocol.ACK, 1, [7], [], 0]),
+    "ack zero count": packb([protocol.ACK, 1, [[1, 2, 0]], [], 0]),
+    "ack negative id": packb([protocol.ACK, 1, [[1, -2, 1]], [], 0]),
+    "ack id above int64": packb([protocol.ACK, 1, [[1, 2**64 - 1, 1]], [], 0]),
+    "ack negative credit": packb([protocol.ACK, -1, [], [], 0]),
+    "ack huge credit": packb([protocol.ACK, 2**40, [], [], 0]),
+    "ack float seq": packb([protocol.ACK, 1, [[1.5, 2, 1]], [], 0]),
+    "ack failure short": packb([protocol.ACK, 1, [], [[1, 2, "E", "m"]], 0]),
+    "ack failure text not str": packb([protocol.ACK, 1, [], [[1, 2, "E", 5, "tb"]], 0]),
+    "ack failure bin traceback": packb([protocol.ACK, 1, [], [[1, 2, "E", "m", b"tb"]], 0]),
     "heartbeat wrong arity": packb([protocol.HEARTBEAT, -1, 0.0]),
     "heartbeat job below -1": packb([protocol.HEARTBEAT, -2, 0.0, 0]),
     "heartbeat seconds text": packb([protocol.HEARTBEAT, 1, "0", 0]),
@@ -171,7 +178,7 @@ BAD_FRAMES: dict[str, bytes] = {
     "bin anywhere": packb([protocol.BYE, b"bytes"]),
     "ext type": packb([protocol.BYE, msgpack.ExtType(1, b"x")]),
     "too long a list": packb(
-        [protocol.ACK, 1, [[1, i, 1] for i in range(protocol.MAX_ENTRIES + 1)], []]
+        [protocol.ACK, 1, [[1, i, 1] for i in range(protocol.MAX_ENTRIES + 1)], [], 0]
     ),
     "deep nesting": b"\x91" * 100_000 + b"\xc0",
     "claims a huge array": b"\xdd\xff\xff\xff\xff",

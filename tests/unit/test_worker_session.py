@@ -32,6 +32,7 @@ from taskmaster.worker import (
     HELLO_RETRY_S,
     MAX_WINDOW,
     PREFETCH_S,
+    ROUND_TRIP_S,
     Session,
     _merge,
 )
@@ -437,6 +438,21 @@ def test_flush_sends_merged_acks_failures_and_credit() -> None:
     assert ack.credit == session.window()
     session._flush(session.clock())
     assert transport.take() == [], "nothing new: no message"
+
+
+def test_an_ack_asks_for_a_long_window_and_says_what_a_round_trip_needs() -> None:
+    session, transport = make_session(slots=2)
+    session._send_hello(session.clock())
+    welcome(session)
+    session.handle(jobs_frame(5, 0, 4), session.clock())
+    transport.take()
+    session.results.ok.append((5, 0, 4))
+    session.results.finished = 4
+    session.results.busy_s = 0.02  # 4 jobs of 5 ms
+    session._flush(session.clock())
+    [ack] = transport.take(protocol.Ack)
+    assert session.window() == 2 + int(PREFETCH_S * 2 / 0.005)
+    assert ack.end_window == 2 + int(ROUND_TRIP_S * 2 / 0.005) < session.window()
 
 
 def test_results_without_a_master_wait_for_a_master_of_the_same_run() -> None:
