@@ -119,6 +119,7 @@ def run_all(master: MasterOptions, worker: WorkerOptions, n: int) -> Outcome:
         address = security.normalize_address(master.address)
         secret = master.secret or security.master_secret(address, master.secret_file)
         master.secret = worker.secret = secret
+    master.config.expected_workers = n
     read_fd, write_fd = os.pipe()
     gc.freeze()  # see Supervisor.start
     pid = os.fork()

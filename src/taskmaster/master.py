@@ -230,10 +230,7 @@ class Master:
         self._take_bad_jobs(now)
         if not self.stopping:
             self.dispatch(now)
-        if self.first_dispatch_s is not None or now >= self._prepare_state_by:
-            # A fresh state's tables load SQLite on a thread, which holds the GIL: once jobs
-            # are out rather than during the handshakes, or by the first report (say, a
-            # tm-master no worker has reached yet, which `tm status` must still read).
+        if self._state_due(now):
             self.ledger.prepare()
         disconnects = getattr(self.transport, "disconnects", 0)
         if disconnects != self._disconnects_seen:
@@ -253,6 +250,21 @@ class Master:
         if now >= self._next_report:
             self._report(now)
         self._check_finished(now)
+
+    def _state_due(self, now: float) -> bool:
+        """Whether to start a fresh state's tables (``ledger.prepare``) now.
+
+        They load SQLite on a thread, which holds the GIL: once jobs are out rather than
+        during the handshakes, and with tm-run once each of its workers has joined (a HELLO
+        waiting for the GIL held its worker's first jobs back by 5 ms). At the latest by the
+        first report: say, a tm-master no worker has reached yet, which `tm status` must read.
+        """
+        if now >= self._prepare_state_by:
+            return True
+        if self.first_dispatch_s is None:
+            return False
+        expected = self.config.expected_workers
+        return expected is None or len(self.workers) >= expected
 
     # -- messages ------------------------------------------------------------------------
 

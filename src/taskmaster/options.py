@@ -30,7 +30,7 @@ class MasterConfig:
     __slots__ = (
         "size", "heartbeat_s", "liveness_s", "checkpoint_interval_s", "timeout_s", "retries",
         "max_attempts", "max_job_bytes", "grace_s", "retry_backoff_s", "retry_backoff_max_s",
-        "total",
+        "total", "expected_workers",
     )  # fmt: skip
 
     def __init__(
@@ -48,6 +48,7 @@ class MasterConfig:
         retry_backoff_s: float = 0.5,
         retry_backoff_max_s: float = 30.0,
         total: int | None = None,
+        expected_workers: int | None = None,
     ) -> None:
         self.size = size
         self.heartbeat_s = heartbeat_s
@@ -61,6 +62,8 @@ class MasterConfig:
         self.retry_backoff_s = retry_backoff_s
         self.retry_backoff_max_s = retry_backoff_max_s
         self.total = total
+        # tm-run's own workers, all starting now: see Master._state_due.
+        self.expected_workers = expected_workers
 
 
 class MasterOptions:

@@ -265,6 +265,21 @@ def test_the_state_is_prepared_once_the_first_jobs_are_out(
     assert prepared and prepared[0] == 3
 
 
+def test_with_tm_run_the_state_is_prepared_once_each_of_its_workers_joined(
+    make: Callable[..., Harness],
+) -> None:
+    # The second worker's HELLO must not wait for the GIL while SQLite loads.
+    h = make(expected_workers=2)
+    prepared: list[int] = []
+    h.master.ledger.prepare = lambda: prepared.append(len(h.master.workers))  # type: ignore[method-assign]
+    h.joined(credit=3)
+    h.step()
+    assert h.master.in_flight == 3 and prepared == []
+    h.joined(credit=3)
+    h.step()
+    assert prepared and prepared[0] == 2
+
+
 def test_the_state_is_prepared_by_the_first_report_if_no_worker_comes(
     make: Callable[..., Harness],
 ) -> None:
