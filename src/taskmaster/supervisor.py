@@ -40,6 +40,11 @@ BACKOFF_MAX_S = 30.0
 # A worker that lived this long before dying resets the crash-loop backoff.
 HEALTHY_AFTER_S = 10.0
 STOP_GRACE_S = 5.0
+# Sent to the other workers once one exits 0 (it heard the master's END): the run is over.
+# Not SIGTERM, so that a worker that had not read its own END yet leaves at once, without
+# saying BYE to a master that is gone and lingering to deliver it (a second of every tenth
+# tm-run end with 8 workers): see run_over_told().
+RUN_OVER_SIGNAL = signal.SIGUSR1
 
 
 BLACK_BOX_FIELDS = 4  # running job id (-1 idle), its batch seq, worker identity, spare
@@ -62,11 +67,18 @@ class ChildSlot(NamedTuple):
 
 
 _child_slot: ChildSlot | None = None
+_run_over_told = False
 
 
 def child_slot() -> ChildSlot | None:
     """In a worker forked by a Supervisor: its slot; elsewhere ``None``."""
     return _child_slot
+
+
+def run_over_told() -> bool:
+    """In a worker forked by a Supervisor: whether it was told the run is over (another
+    worker heard the master's END), which interrupts it like SIGTERM."""
+    return _run_over_told
 
 
 class Slot:
@@ -135,7 +147,7 @@ class Supervisor:
     def _spawn(self, slot: Slot) -> None:
         # Signals stay blocked across fork so a child never runs the parent's handlers.
         old = signal.pthread_sigmask(
-            signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+            signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, RUN_OVER_SIGNAL}
         )
         try:
             if self.stopping:
@@ -152,6 +164,7 @@ class Supervisor:
                     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
                         signal.signal(signal.SIGINT, signal.default_int_handler)
                     signal.signal(signal.SIGTERM, _terminate)
+                    signal.signal(RUN_OVER_SIGNAL, _run_over)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_SETMASK, old)
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
@@ -271,7 +284,7 @@ class Supervisor:
             # One worker heard the master say the run is over: it is over for all of them,
             # including any that connected too late to hear it.
             self.run_over = True
-            self.request_stop(signal.SIGTERM)
+            self.request_stop(RUN_OVER_SIGNAL)
         if self.stopping or not self.restart or status in NO_RESTART:
             slot.finished = True
             if status not in (0, EXIT_REPLACE, EXIT_INTERRUPTED, 128 + signal.SIGTERM):
@@ -308,4 +321,10 @@ class Supervisor:
 
 
 def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _run_over(signum: int, frame: object) -> None:
+    global _run_over_told
+    _run_over_told = True
     raise KeyboardInterrupt

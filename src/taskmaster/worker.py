@@ -428,8 +428,11 @@ class Worker:
         concurrency: int = 1,
         black_box: memoryview | None = None,
         predecessor_died: tuple[int, int, int] | None = None,
+        run_over_told: Callable[[], bool] | None = None,
     ) -> None:
         self.address = address
+        # Whether this worker's supervisor said the run is over (another worker heard END).
+        self.run_over_told = run_over_told
         self.black_box = black_box
         self.predecessor_died = predecessor_died
         self.keys = keys
@@ -477,12 +480,19 @@ class Worker:
             session.stop_requested = True
             wake()
             session.join(timeout=5)
+            # After END (heard here, or by another worker of this supervisor) the master has
+            # every result: it ends a run only then, and it is closing its socket. A BYE or
+            # a heartbeat queued now would keep this process trying to deliver it for the
+            # whole linger (tm-run waited a second for its workers, then stopped them).
+            run_over = session.exit_status == EXIT_OK or bool(
+                self.run_over_told and self.run_over_told()
+            )
             with contextlib.suppress(Exception):
-                if session.exit_status is None:
+                if session.exit_status is None and not run_over:
                     transport.send(protocol.bye("interrupted"))
-                # Nothing queued here matters to a master that never welcomed us (say, one
-                # that failed to open its state file): leave at once rather than linger.
-                transport.close(linger_s=2.0 if session.welcomed else 0.0)
+                # Nor does anything queued matter to a master that never welcomed us (say,
+                # one that failed to open its state file): leave at once rather than linger.
+                transport.close(linger_s=2.0 if session.welcomed and not run_over else 0.0)
             os.close(wake_r)
             os.close(wake_w)
         status = session.exit_status if session.exit_status is not None else EXIT_OK

@@ -179,6 +179,47 @@ def test_one_worker_hearing_the_end_ends_the_run_for_all(tmp_path: Path) -> None
     assert all(s.restarts == 0 for s in sup.slots)
 
 
+def test_the_others_are_told_the_run_is_over_not_just_stopped(tmp_path: Path) -> None:
+    # So a worker that had not read its own END yet says no BYE to a master that is gone,
+    # and does not linger trying to deliver one.
+    up, told = tmp_path / "up", tmp_path / "told"
+
+    def main(index: int) -> int:
+        if index == 0:
+            wait_until(lambda: len(lines(up)) == 1, timeout=10)
+            return EXIT_OK
+        mark(up)
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            mark(told, str(supervisor_module.run_over_told()))
+            raise
+        return 1
+
+    assert Supervisor(2, main).run() == EXIT_OK
+    assert [line.split()[1] for line in lines(told)] == ["True"]
+
+
+def test_a_stopped_worker_is_not_told_the_run_is_over(tmp_path: Path) -> None:
+    up, told = tmp_path / "up", tmp_path / "told"
+
+    def main(index: int) -> int:
+        mark(up)
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            mark(told, str(supervisor_module.run_over_told()))
+            raise
+        return 1
+
+    sup = Supervisor(1, main)
+    sup.start()
+    wait_until(lambda: len(lines(up)) == 1, timeout=10)
+    sup.request_stop(signal.SIGTERM)
+    settle(sup, time.monotonic, lambda: all(s.finished for s in sup.slots))
+    assert [line.split()[1] for line in lines(told)] == ["False"]
+
+
 def test_sigterm_is_forwarded_to_every_worker(tmp_path: Path, children: list[int]) -> None:
     up, stopped = tmp_path / "up", tmp_path / "stopped"
 
