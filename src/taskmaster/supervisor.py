@@ -42,8 +42,8 @@ HEALTHY_AFTER_S = 10.0
 STOP_GRACE_S = 5.0
 # Sent to the other workers once one exits 0 (it heard the master's END): the run is over.
 # Not SIGTERM, so that a worker that had not read its own END yet leaves at once, without
-# saying BYE to a master that is gone and lingering to deliver it (a second of every tenth
-# tm-run end with 8 workers): see run_over_told().
+# saying BYE to a master that is gone and lingering to deliver it (a second at one tm-run
+# end in six with 8 workers on 2 cores): see run_over_told().
 RUN_OVER_SIGNAL = signal.SIGUSR1
 
 
