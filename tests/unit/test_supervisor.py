@@ -179,6 +179,18 @@ def test_one_worker_hearing_the_end_ends_the_run_for_all(tmp_path: Path) -> None
     assert all(s.restarts == 0 for s in sup.slots)
 
 
+def run_until_interrupted(up: Path, told: Path) -> int:
+    """A worker's "job": say it is up, run until interrupted, then say whether it was told
+    the run is over."""
+    mark(up)
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        mark(told, str(supervisor_module.run_over_told()))
+        raise
+    return 1
+
+
 def test_the_others_are_told_the_run_is_over_not_just_stopped(tmp_path: Path) -> None:
     # So a worker that had not read its own END yet says no BYE to a master that is gone,
     # and does not linger trying to deliver one.
@@ -188,13 +200,7 @@ def test_the_others_are_told_the_run_is_over_not_just_stopped(tmp_path: Path) ->
         if index == 0:
             wait_until(lambda: len(lines(up)) == 1, timeout=10)
             return EXIT_OK
-        mark(up)
-        try:
-            time.sleep(60)
-        except KeyboardInterrupt:
-            mark(told, str(supervisor_module.run_over_told()))
-            raise
-        return 1
+        return run_until_interrupted(up, told)
 
     assert Supervisor(2, main).run() == EXIT_OK
     assert [line.split()[1] for line in lines(told)] == ["True"]
@@ -202,17 +208,7 @@ def test_the_others_are_told_the_run_is_over_not_just_stopped(tmp_path: Path) ->
 
 def test_a_stopped_worker_is_not_told_the_run_is_over(tmp_path: Path) -> None:
     up, told = tmp_path / "up", tmp_path / "told"
-
-    def main(index: int) -> int:
-        mark(up)
-        try:
-            time.sleep(60)
-        except KeyboardInterrupt:
-            mark(told, str(supervisor_module.run_over_told()))
-            raise
-        return 1
-
-    sup = Supervisor(1, main)
+    sup = Supervisor(1, lambda index: run_until_interrupted(up, told))
     sup.start()
     wait_until(lambda: len(lines(up)) == 1, timeout=10)
     sup.request_stop(signal.SIGTERM)

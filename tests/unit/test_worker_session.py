@@ -420,12 +420,18 @@ def test_malformed_master_frames_are_ignored(frame: bytes) -> None:
     assert session.exit_status is None and transport.take() == []
 
 
-def test_flush_sends_merged_acks_failures_and_credit() -> None:
-    session, transport = make_session(slots=2)
+def holding_jobs(slots: int, n: int) -> tuple[Session, FakeWorkerTransport]:
+    """A welcomed session that received one batch (seq 5) of jobs 0 … n-1."""
+    session, transport = make_session(slots=slots)
     session._send_hello(session.clock())
     welcome(session)
-    session.handle(jobs_frame(5, 0, 4), session.clock())
+    session.handle(jobs_frame(5, 0, n), session.clock())
     transport.take()
+    return session, transport
+
+
+def test_flush_sends_merged_acks_failures_and_credit() -> None:
+    session, transport = holding_jobs(slots=2, n=4)
     results = session.results
     results.ok.extend([(5, 0, 1), (5, 1, 1), (5, 3, 1)])
     results.failed.append((5, 2, "ValueError", "boom", "tb"))
@@ -441,11 +447,7 @@ def test_flush_sends_merged_acks_failures_and_credit() -> None:
 
 
 def test_an_ack_asks_for_a_long_window_and_says_what_a_round_trip_needs() -> None:
-    session, transport = make_session(slots=2)
-    session._send_hello(session.clock())
-    welcome(session)
-    session.handle(jobs_frame(5, 0, 4), session.clock())
-    transport.take()
+    session, transport = holding_jobs(slots=2, n=4)
     session.results.ok.append((5, 0, 4))
     session.results.finished = 4
     session.results.busy_s = 0.02  # 4 jobs of 5 ms
