@@ -164,6 +164,15 @@ class Harness:
         self.workers.append(worker)
         return worker
 
+    def joined_together(self, credit: int, count: int = 2) -> list[FakeWorker]:
+        """``count`` new workers that each said HELLO with ``credit`` before the same step
+        of the master, so they share its first dispatch."""
+        workers = [self.worker() for _ in range(count)]
+        for worker in workers:
+            worker.hello(credit=credit)
+        self.step()
+        return workers
+
     def joined(self, credit: int) -> FakeWorker:
         """A new worker that said HELLO with ``credit``, after the master's step."""
         worker = self.worker()
@@ -821,10 +830,7 @@ def test_a_failed_send_drops_the_worker_and_requeues(make: Callable[..., Harness
 
 def test_finish_sends_end_and_exits_0(make: Callable[..., Harness]) -> None:
     h = make(range(5))
-    w1, w2 = h.worker(), h.worker()
-    w1.hello(credit=5)
-    w2.hello(credit=5)
-    h.step()
+    w1, w2 = h.joined_together(credit=5)
     for w in (w1, w2):
         for batch in w.batches():
             w.ack_batch(batch)
@@ -850,10 +856,7 @@ def test_a_worker_that_acks_takes_its_share_of_what_is_left(
     make: Callable[..., Harness],
 ) -> None:
     h = make(range(8))
-    w1, w2 = h.worker("w1"), h.worker("w2")
-    w1.hello(credit=2)
-    w2.hello(credit=2)
-    h.step()
+    w1, w2 = h.joined_together(credit=2)
     (first,) = w1.batches()
     # 4 left, w2 holds 2: w1's share is 3, all of which a round trip needs.
     w1.ack_batch(first, credit=100, end_window=100)
@@ -871,10 +874,7 @@ def test_near_the_end_a_worker_holds_less_than_its_window(make: Callable[..., Ha
     # idles: once its share is under twice its window, a worker holds half of it, or its end
     # window if more, and the master keeps the rest for whoever runs dry first.
     h = make(range(100))
-    w1, w2 = h.worker("w1"), h.worker("w2")
-    w1.hello(credit=40)
-    w2.hello(credit=40)
-    h.step()
+    w1, w2 = h.joined_together(credit=40)
     (b1,) = w1.batches()
     (b2,) = w2.batches()
     assert len(b1.ids) == len(b2.ids) == 40  # a share of 50 each: whole windows
@@ -898,10 +898,7 @@ def test_near_the_end_a_worker_holds_less_than_its_window(make: Callable[..., Ha
 def test_fast_jobs_share_the_end_too(make: Callable[..., Harness]) -> None:
     # Big credits (fast jobs) may take a chunk whole beyond the credit: not beyond a share.
     h = make(range(20_000), size=30_000)
-    w1, w2 = h.worker("w1"), h.worker("w2")
-    w1.hello(credit=16_384)
-    w2.hello(credit=16_384)
-    h.step()
+    w1, w2 = h.joined_together(credit=16_384)
     got = sorted(sum(len(b.ids) for b in w.batches()) for w in (w1, w2))
     assert got == [10_000, 10_000]
 
@@ -916,10 +913,7 @@ def test_sharing_the_end_counts_once_per_worker_not_per_chunk(
     counted: list[int] = []
     held = h.master._held
     monkeypatch.setattr(h.master, "_held", lambda worker: counted.append(1) or held(worker))
-    w1, w2 = h.worker("w1"), h.worker("w2")
-    w1.hello(credit=3_000)
-    w2.hello(credit=3_000)
-    h.step()
+    w1, w2 = h.joined_together(credit=3_000)
     assert sum(len(b.ids) for w in (w1, w2) for b in w.batches()) == 5_000
     assert len(counted) <= 4  # once per worker and dispatch, not once per chunk
 
