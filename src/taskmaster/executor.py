@@ -34,6 +34,8 @@ LOW_WATER_JOBS = 2
 # once per MIN_POST_GAP_S.
 CLOCK_EVERY = 32
 SLOW_JOB_S = 0.0005
+# Blocks of fast jobs claimed at once: what may still run behind a job that hangs.
+CLAIM_BLOCKS = 8
 MIN_POST_GAP_S = 0.002
 
 # What a job may raise and still be a failed job rather than the end of its worker:
@@ -124,6 +126,13 @@ class JobQueue:
         self.queued_jobs = 0  # read without the lock: an int, only a hint
         self.low_water = LOW_WATER_JOBS  # see LOW_WATER_JOBS
         self.post_every = 1  # finished jobs worth a mid-batch ack: the I/O thread's grant step
+        # The batch the executor is handing out, how far into it the executor may have
+        # started jobs (it claims them: claim, claim_next), and where take_back() cut it;
+        # all under _claims, so that a job is either run here or given back, never both.
+        self._claims = threading.Lock()
+        self._running: Batch | None = None
+        self._claimed = 0
+        self._cut: int | None = None
 
     def put(self, batch: Batch) -> None:
         with self._cond:
@@ -141,6 +150,52 @@ class JobQueue:
             batch = self._batches.popleft()
             self.queued_jobs -= batch.count
             return batch
+
+    def take_back(self) -> list[tuple[Batch, int]]:
+        """Take the jobs the executor has not started: (batch, offset of its first job taken)
+        for the rest of the running batch and for each queued one. None of them starts here.
+
+        Called on the I/O thread while the executor runs, which claims jobs before starting
+        them: what it has claimed stays, the rest is cut off.
+        """
+        taken: list[tuple[Batch, int]] = []
+        with self._claims:
+            running = self._running
+            if running is not None and self._cut is None and self._claimed < running.count:
+                self._cut = self._claimed
+                taken.append((running, self._claimed))
+        with self._cond:
+            taken.extend((batch, 0) for batch in self._batches)
+            self._batches.clear()
+            self.queued_jobs = 0
+        return taken
+
+    # The executor's side of take_back(): it starts a batch, claims its jobs in order before
+    # running them, and finishes it.
+
+    def start(self, batch: Batch) -> None:
+        with self._claims:
+            self._running, self._claimed, self._cut = batch, 0, None
+
+    def claim(self, end: int) -> int:
+        """Claim the running batch's jobs up to offset ``end``; return how far we may go."""
+        with self._claims:
+            if self._cut is not None:
+                end = min(end, self._cut)
+            self._claimed = end
+            return end
+
+    def claim_next(self) -> bool:
+        """Claim the running batch's next job; False if it was given back."""
+        with self._claims:
+            if self._cut is not None and self._claimed >= self._cut:
+                return False
+            self._claimed += 1
+            return True
+
+    def finish(self) -> None:
+        with self._claims:
+            self._running = None
 
     def clear(self) -> int:
         """Drop batches not yet started; return how many jobs were dropped."""
@@ -236,13 +291,21 @@ class SerialExecutor:
             first_id = id_seq.start if isinstance(id_seq, range) else -1
             count = batch.count
             box[1] = seq
+            queue.start(batch)
             started = last_post = block_start = _monotonic()
             run_start = 0  # offset where the current run of successes began
-            pos = 0
+            pos = claimed = 0
             while pos < count:
                 # Jobs run in blocks with no per-job bookkeeping beyond the black box; the
-                # clock is read between blocks.
+                # clock is read between blocks. Fast jobs are claimed (see take_back) a few
+                # blocks at a time, slow ones one at a time.
                 end = min(pos + block, count)
+                if end > claimed:
+                    claimed = queue.claim(min(pos + block * CLAIM_BLOCKS, count))
+                    if claimed <= pos:
+                        count = pos  # the rest was given back
+                        break
+                    end = min(end, claimed)
                 job_id = -1
                 try:
                     if packed and first_id >= 0:
@@ -288,6 +351,7 @@ class SerialExecutor:
                     started = last_post = now
                     results.post(now)
             box[0] = -1
+            queue.finish()
             self._flush_run(results, seq, id_seq, run_start, count)
             now = _monotonic()
             results.busy_s += now - started
@@ -404,15 +468,20 @@ class _SharedJobs:
     def take(self) -> tuple[int, int, Any, bool] | None:
         """(seq, job id, item, packed) of the next job, counted out; ``None`` once the queue
         is closed and drained, or the pool stopped. Blocks while the queue is empty."""
+        queue = self._queue
         with self._lock:
             while not self._over:
                 job = next(self._current, None)
+                if job is not None and not queue.claim_next():
+                    job = None  # the rest of this batch was given back
+                    self._current = iter(())
                 if job is not None:
                     if self._pool._handing_out():
                         return job
                     self._over = True  # the pool stopped: no job starts any more
                     break
-                if not self._queue.queued_jobs:
+                queue.finish()
+                if not queue.queued_jobs:
                     self._pool._post_unposted(self._results)
                 taken = next(self._batches, None)
                 if taken is None:
@@ -420,6 +489,7 @@ class _SharedJobs:
                     self.drained.set()
                     break
                 batch, items, packed = taken
+                queue.start(batch)
                 self._current = zip(
                     itertools.repeat(batch.seq), batch.id_seq(), items, itertools.repeat(packed)
                 )
@@ -502,14 +572,19 @@ class AsyncExecutor(_Concurrent):
             if unpacked is None:
                 continue
             items, packed = unpacked
+            queue.start(batch)
             for job_id, item in zip(batch.id_seq(), items, strict=True):
                 await slots.acquire()
+                if not queue.claim_next():
+                    slots.release()  # the rest of this batch was given back
+                    break
                 self._handing_out()
                 task = loop.create_task(
                     self._one(results, queue, slots, batch.seq, job_id, item, packed)
                 )
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+            queue.finish()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -299,6 +299,8 @@ class Master:
         elif isinstance(message, protocol.Bye) and worker is not None:
             logger.info("worker left worker=%s reason=%s", worker.name, message.reason)
             self._drop_worker(worker, now, lost=False)
+        elif isinstance(message, protocol.GiveBack) and worker is not None:
+            self.handle_give_back(worker, message)
 
     def handle_hello(self, identity: bytes, hello: protocol.Hello, now: float) -> None:
         if hello.version != protocol.PROTOCOL_VERSION:
@@ -366,6 +368,43 @@ class Master:
             worker.credit += ack.credit
             if ack.end_window:
                 worker.end_window = ack.end_window
+
+    def handle_give_back(self, worker: WorkerState, message: protocol.GiveBack) -> None:
+        """Requeue the jobs a worker returns unstarted (its slots are all held by long jobs),
+        ahead of new ones, for whichever worker asks next."""
+        requeued: list[tuple[int, bytes]] = []
+        returned = 0
+        for seq, first_id, count in message.returned:
+            lease = self.leases.get(seq)
+            if lease is None or lease.worker != worker.identity:
+                continue  # settled meanwhile, or requeued when the worker was presumed lost
+            payloads = dict(zip(lease.chunk.id_list(), lease.chunk.pickles(), strict=True))
+            newly = 0
+            end = first_id + count
+            # Bounded by the lease, whatever the entry claims.
+            ids = (
+                range(first_id, end)
+                if count <= len(payloads)
+                else sorted(i for i in payloads if first_id <= i < end)
+            )
+            for job_id in ids:
+                payload = payloads.get(job_id)
+                if payload is None or not lease.report(job_id, 1):
+                    continue  # not this lease's, or already answered for
+                newly += 1
+                if not self._is_resolved(job_id):
+                    requeued.append((job_id, payload))
+            returned += newly
+            self._lease_progress(lease, worker, newly)
+        if requeued:
+            requeued.sort()
+            self.requeue.appendleft(_chunk_of(requeued))
+        logger.info(
+            "worker=%s gave back %d jobs queued behind long ones (requeued %d)",
+            worker.name,
+            returned,
+            len(requeued),
+        )
 
     def _lease_progress(self, lease: Lease, worker: WorkerState, count: int) -> None:
         """``count`` more jobs of ``lease`` were reported; forget the lease when none is left."""
@@ -752,10 +791,11 @@ class Master:
         culprit: int | None = None,
     ) -> int:
         chunk = lease.chunk
+        answered = lease.reported  # done, failed or given back: not this lease's to requeue
         pending = [
             (i, p)
             for i, p in zip(chunk.id_list(), chunk.pickles(), strict=True)
-            if not self._is_resolved(i)
+            if not self._is_resolved(i) and (answered is None or i not in answered)
         ]
         if timed_out is not None:
             for job_id, payload in pending:

@@ -16,6 +16,9 @@ Worker → master::
                  trip's work), what the master keeps it to at the end of a run; 0: unchanged
     HEARTBEAT  [3, running_job_id or -1, running_s, done_total]
     BYE        [4, reason]                                 leaving; requeue what it holds
+    GIVE_BACK  [5, returned]                               jobs it will not start soon
+                 returned: [[seq, first_id, count], …]    queued behind jobs that run long:
+                                                          the master hands them to others
 
 Master → worker::
 
@@ -42,12 +45,13 @@ import msgpack
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 HELLO = 1
 ACK = 2
 HEARTBEAT = 3
 BYE = 4
+GIVE_BACK = 5
 
 WELCOME = 10
 REFUSE = 11
@@ -113,7 +117,11 @@ class Bye(NamedTuple):
     reason: str
 
 
-WorkerMessage = Hello | Ack | Heartbeat | Bye
+class GiveBack(NamedTuple):
+    returned: list[tuple[int, int, int]]  # (seq, first_id, count), as in an ACK's acks
+
+
+WorkerMessage = Hello | Ack | Heartbeat | Bye | GiveBack
 
 
 def _describe(value: Any) -> str:
@@ -182,6 +190,8 @@ def decode_from_worker(frame: bytes) -> WorkerMessage:
             return _decode_hello(msg)
         if kind == BYE and len(msg) == 2:
             return Bye(_text(msg[1], MAX_TEXT))
+        if kind == GIVE_BACK and len(msg) == 2:
+            return GiveBack(_job_runs(msg[1]))
     except (TypeError, ValueError, IndexError) as exc:
         raise ProtocolError(f"malformed message: {exc}") from None
     raise ProtocolError(f"unknown message type ({_describe(kind)})")
@@ -207,12 +217,18 @@ def _decode_hello(msg: list[Any]) -> Hello:
     )
 
 
-def _decode_ack(msg: list[Any]) -> Ack:
-    acks: list[tuple[int, int, int]] = []
-    for entry in _list(msg[2]):
+def _job_runs(value: Any) -> list[tuple[int, int, int]]:
+    """``[[seq, first_id, count], …]``: consecutive jobs of one batch each."""
+    runs: list[tuple[int, int, int]] = []
+    for entry in _list(value):
         if not isinstance(entry, list) or len(entry) != 3:
-            raise ProtocolError("bad ack entry")
-        acks.append((_int(entry[0]), _int(entry[1]), _int(entry[2], 1, MAX_CREDIT)))
+            raise ProtocolError("bad job run entry")
+        runs.append((_int(entry[0]), _int(entry[1]), _int(entry[2], 1, MAX_CREDIT)))
+    return runs
+
+
+def _decode_ack(msg: list[Any]) -> Ack:
+    acks = _job_runs(msg[2])
     failures: list[tuple[int, int, str, str, str]] = []
     for entry in _list(msg[3]):
         if not isinstance(entry, list) or len(entry) != 5:
@@ -258,6 +274,10 @@ def heartbeat(running_job: int, running_s: float, done_total: int) -> bytes:
 
 def bye(reason: str) -> bytes:
     return pack([BYE, reason])
+
+
+def give_back(returned: list[tuple[int, int, int]]) -> bytes:
+    return pack([GIVE_BACK, returned])
 
 
 def welcome(epoch: int, config: dict[str, Any]) -> bytes:

@@ -59,6 +59,11 @@ PREFETCH_S = 0.2
 # The prefetch that just covers a round trip: what a worker needs held at the end of a run.
 ROUND_TRIP_S = 0.03
 HELLO_RETRY_S = 1.0
+# When every slot has been running its job for this long (and this many times the measured
+# job time), the jobs queued behind them go back to the master for other workers: one job
+# that hangs must not hold a window of thousands of fast ones while the others idle.
+GIVE_BACK_AFTER_S = 1.0
+GIVE_BACK_FACTOR = 20.0
 # Well under the master's frame limit (protocol.MAX_WORKER_FRAME_BYTES).
 ACK_BUDGET_BYTES = 1024 * 1024
 
@@ -125,6 +130,9 @@ class Session(threading.Thread):
         self._contact_deadline = clock() + wait_s
         self._next_heartbeat = 0.0
         self.stop_requested = False
+        self.given_back = 0
+        self._last_give_back = -math.inf
+        self._stuck_at_finished = -1  # results.finished when we last gave jobs back
         # (identity, job id, seq) of the worker this process replaces, which died running
         # that job: said in HELLO so the master charges exactly that job.
         self.predecessor_died: tuple[int, int, int] | None = None
@@ -138,6 +146,8 @@ class Session(threading.Thread):
 
     def window(self, prefetch_s: float = PREFETCH_S) -> int:
         """Jobs we want held for us: running slots plus ``prefetch_s`` of their work."""
+        if self.results.finished == self._stuck_at_finished:
+            return self.slots  # no job ended since we gave jobs back: hold nothing more
         if self.job_time_s <= 0:
             return self.slots * 2
         prefetch = int(prefetch_s * self.slots / self.job_time_s)
@@ -351,6 +361,8 @@ class Session(threading.Thread):
                 self.transport.send(
                     protocol.heartbeat(job_id, now - started, self.results.finished)
                 )
+                if self.welcomed:
+                    self._give_back_if_stuck(now, running)
             else:
                 self.transport.send(protocol.heartbeat(-1, 0.0, self.results.finished))
         if self.welcomed:
@@ -367,6 +379,39 @@ class Session(threading.Thread):
                 )
             elif now - self._last_hello > HELLO_RETRY_S:
                 self._send_hello(now)
+
+    def _give_back_if_stuck(self, now: float, running: dict[int, tuple[float, int]]) -> None:
+        """Send the master the jobs queued here if every slot is held by a long job."""
+        if len(running) < self.slots or now - self._last_give_back < GIVE_BACK_AFTER_S:
+            return
+        youngest = max(started for started, _ in running.values())
+        if now - youngest < max(GIVE_BACK_AFTER_S, GIVE_BACK_FACTOR * self.job_time_s):
+            return
+        if self.received - self._finished() <= len(running):
+            return  # nothing waits behind them
+        returned: list[tuple[int, int, int]] = []
+        for batch, offset in self.queue.take_back():
+            ids = batch.id_seq()
+            if isinstance(ids, range):
+                returned.append((batch.seq, ids.start + offset, batch.count - offset))
+            else:
+                returned.extend((batch.seq, job_id, 1) for job_id in ids[offset:])
+        if not returned:
+            return
+        returned = _merge(returned)
+        count = sum(run[2] for run in returned)
+        self._flush(now)  # acks first: the master must not take a finished job for a returned one
+        self.dropped += count
+        self.given_back += count
+        self._last_give_back = now
+        self._stuck_at_finished = self.results.finished
+        logger.info(
+            "gave back %d queued jobs: all %d slots busy for %.1fs or more",
+            count,
+            self.slots,
+            now - youngest,
+        )
+        self.transport.send(protocol.give_back(returned))
 
     def _running(self, now: float) -> dict[int, tuple[float, int]]:
         """Jobs running now: job id → (start time, batch seq)."""

@@ -716,6 +716,63 @@ def test_bye_requeues_at_once_without_blame(make: Callable[..., Harness]) -> Non
     assert [i for b in batches for i in b.ids] == [1, 2, 3, 4, 5]
 
 
+def test_jobs_given_back_go_to_the_next_worker_first(make: Callable[..., Harness]) -> None:
+    h = make(range(10))
+    w1, batch = h.leased(credit=6)
+    assert batch.ids == [0, 1, 2, 3, 4, 5]
+    w1.ack(acks=[(batch.seq, 0, 1)])  # job 1 runs long; 2 … 5 wait behind it
+    w1.send(protocol.give_back([(batch.seq, 2, 4)]))
+    h.step()
+    assert h.master.in_flight == 1, "only the long job is still out"
+    w2 = h.joined(credit=5)
+    assert [b.ids for b in w2.batches()] == [[2, 3, 4, 5], [6]], "the returned jobs, first"
+    lease = h.master.leases[batch.seq]
+    assert lease.remaining == 1 and h.master.attempts == {}
+    w1.ack(acks=[(batch.seq, 1, 1)])
+    h.step()
+    assert batch.seq not in h.master.leases
+
+
+def test_a_worker_lost_after_giving_back_requeues_only_what_it_kept(
+    make: Callable[..., Harness],
+) -> None:
+    h = make(range(6))
+    w1, batch = h.leased(credit=6)
+    w1.send(protocol.give_back([(batch.seq, 1, 5)]))
+    w2 = h.joined(credit=5)
+    given: list[int] = []
+    while batches := w2.batches():  # the master shares out the end of a run in pieces
+        for b in batches:
+            given += b.ids
+            w2.ack_batch(b, credit=len(b.ids))
+        h.step()
+    assert given == [1, 2, 3, 4, 5]
+    w1.bye()
+    h.step()
+    last = w2.one_batch()
+    assert last.ids == [0], "nothing handed out twice"
+    w2.ack_batch(last)
+    h.step()
+    assert h.master.finished and h.master.state.done == 6 and h.master.state.duplicates == 0
+
+
+def test_a_give_back_names_only_jobs_of_the_workers_own_leases(
+    make: Callable[..., Harness],
+) -> None:
+    h = make(range(8))
+    w1, b1 = h.leased(credit=3)
+    w2, b2 = h.leased(credit=3)
+    w1.ack(acks=[(b1.seq, 0, 1)])
+    # Another worker's lease, ids outside its own, one already done, and one twice.
+    w1.send(protocol.give_back([(b2.seq, 3, 3), (b1.seq, 0, 1), (b1.seq, 2, 100), (b1.seq, 2, 1)]))
+    h.step()
+    assert h.master.leases[b2.seq].remaining == 3
+    assert h.master.leases[b1.seq].remaining == 1, "job 1 is still out"
+    w3 = h.joined(credit=10)
+    assert [i for b in w3.batches() for i in b.ids] == [2, 6, 7]
+    assert h.master.dropped_frames == 0
+
+
 def test_a_second_hello_voids_the_old_session(make: Callable[..., Harness]) -> None:
     h = make(range(4))
     w = h.joined(credit=2)

@@ -16,7 +16,7 @@ import pytest
 
 from taskmaster import protocol
 from taskmaster.errors import ProtocolError
-from taskmaster.protocol import Ack, Bye, Heartbeat, Hello, decode_from_worker
+from taskmaster.protocol import Ack, Bye, GiveBack, Heartbeat, Hello, decode_from_worker
 
 SEED = 20240611
 
@@ -58,6 +58,11 @@ def test_heartbeat_round_trip(running: int, seconds: float) -> None:
 
 def test_bye_round_trip() -> None:
     assert decode_from_worker(protocol.bye("timeout")) == Bye("timeout")
+
+
+def test_give_back_round_trip() -> None:
+    returned = [(3, 10, 4), (4, 0, 1)]
+    assert decode_from_worker(protocol.give_back(returned)) == GiveBack(returned)
 
 
 def test_master_messages_round_trip() -> None:
@@ -173,6 +178,12 @@ BAD_FRAMES: dict[str, bytes] = {
     "heartbeat nan seconds": packb([protocol.HEARTBEAT, 1, math.nan, 0]),
     "heartbeat infinite seconds": packb([protocol.HEARTBEAT, 1, math.inf, 0]),
     "heartbeat negative done": packb([protocol.HEARTBEAT, 1, 0.0, -5]),
+    "give back wrong arity": packb([protocol.GIVE_BACK, [], 0]),
+    "give back not a list": packb([protocol.GIVE_BACK, {"a": 1}]),
+    "give back entry short": packb([protocol.GIVE_BACK, [[1, 2]]]),
+    "give back zero count": packb([protocol.GIVE_BACK, [[1, 2, 0]]]),
+    "give back negative id": packb([protocol.GIVE_BACK, [[1, -2, 1]]]),
+    "give back huge count": packb([protocol.GIVE_BACK, [[1, 2, protocol.MAX_CREDIT + 1]]]),
     "bye wrong arity": packb([protocol.BYE]),
     "bye reason not text": packb([protocol.BYE, 3]),
     "bin anywhere": packb([protocol.BYE, b"bytes"]),
@@ -213,6 +224,7 @@ KINDS = [
     protocol.ACK,
     protocol.HEARTBEAT,
     protocol.BYE,
+    protocol.GIVE_BACK,
     protocol.JOBS,
     0,
     -1,
@@ -252,7 +264,13 @@ def random_message(rng: random.Random) -> list[Any]:
     kind = rng.choice(KINDS)
     if rng.random() < 0.5:
         # Shaped like a real message, so the fuzz reaches the field checks.
-        arity = {protocol.HELLO: 4, protocol.ACK: 4, protocol.HEARTBEAT: 4, protocol.BYE: 2}
+        arity = {
+            protocol.HELLO: 4,
+            protocol.ACK: 5,
+            protocol.HEARTBEAT: 4,
+            protocol.BYE: 2,
+            protocol.GIVE_BACK: 2,
+        }
         size = arity.get(kind, 3) if rng.random() < 0.8 else rng.randrange(6)
         return [kind, *(random_value(rng) for _ in range(size - 1))]
     return [kind, *(random_value(rng) for _ in range(rng.randrange(5)))]
@@ -279,6 +297,9 @@ def assert_valid(message: protocol.WorkerMessage) -> None:
     elif isinstance(message, Heartbeat):
         assert is_int(message.running_job, -1) and is_int(message.done_total)
         assert type(message.running_s) is float and 0 <= message.running_s < math.inf
+    elif isinstance(message, GiveBack):
+        for seq, first, count in message.returned:
+            assert is_int(seq) and is_int(first) and 1 <= count <= protocol.MAX_CREDIT
     else:
         assert isinstance(message, Bye) and isinstance(message.reason, str)
 
@@ -310,6 +331,7 @@ def test_fuzz_random_bytes() -> None:
         protocol.hello("h", 1, 1, 1),
         protocol.ack(1, [(1, 2, 3)], []),
         protocol.bye("x"),
+        protocol.give_back([(1, 2, 3)]),
     ]
     for i in range(20_000):
         if i % 2:

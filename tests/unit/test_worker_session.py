@@ -29,6 +29,7 @@ from taskmaster.executor import (
 from taskmaster.worker import (
     EXIT_GAVE_UP,
     EXIT_OK,
+    GIVE_BACK_AFTER_S,
     HELLO_RETRY_S,
     MAX_WINDOW,
     PREFETCH_S,
@@ -36,7 +37,7 @@ from taskmaster.worker import (
     Session,
     _merge,
 )
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -430,6 +431,65 @@ def holding_jobs(slots: int, n: int) -> tuple[Session, FakeWorkerTransport]:
     return session, transport
 
 
+def running_long(session: Session, job_id: int, seq: int, offset: int) -> None:
+    """The serial executor took batch ``seq`` from the queue and runs ``job_id`` in it, in a
+    block that ends at ``offset``."""
+    taken = session.queue.get(0)
+    assert taken is not None and taken.seq == seq
+    session.queue.start(taken)
+    assert session.queue.claim(offset) == offset
+    session.results.black_box[0], session.results.black_box[1] = job_id, seq
+
+
+def heartbeat_after(session: Session, seconds: float) -> None:
+    session.clock.now += seconds  # type: ignore[attr-defined]
+    session._last_from_master = session.clock()  # the master's PINGs came meanwhile
+    session._next_heartbeat = 0.0
+    session._tick(session.clock())
+
+
+def test_jobs_queued_behind_a_long_job_are_given_back() -> None:
+    session, transport = holding_jobs(slots=1, n=10)
+    session.handle(jobs_frame(6, 10, 5), session.clock())
+    session.granted = session.received  # as if granted before, in earlier ACKs
+    running_long(session, job_id=1, seq=5, offset=2)
+    heartbeat_after(session, 0.0)
+    heartbeat_after(session, GIVE_BACK_AFTER_S * 0.9)
+    assert transport.take(protocol.GiveBack) == [], "not long enough yet"
+    heartbeat_after(session, GIVE_BACK_AFTER_S * 0.2)
+    [given] = transport.take(protocol.GiveBack)
+    assert given.returned == [(5, 2, 8), (6, 10, 5)], "the rest of its batch, and the queue"
+    assert session.queue.queued_jobs == 0
+    assert session.queue.claim(10) == 2, "the executor goes no further than it had claimed"
+    assert session.window() == 1, "no more jobs while every slot is stuck"
+    session._flush(session.clock())
+    assert all(ack.credit == 0 for ack in transport.take(protocol.Ack))
+    heartbeat_after(session, 5.0)
+    assert transport.take(protocol.GiveBack) == [], "nothing left to give back"
+    session.results.ok.append((5, 0, 2))  # job 1 ends (with job 0 before it)
+    session.results.finished = 2
+    session.results.busy_s = 0.002
+    session._flush(session.clock())
+    [ack] = transport.take(protocol.Ack)
+    assert ack.acks == [(5, 0, 2)] and ack.credit == session.window() > 1
+
+
+def test_no_give_back_while_a_slot_is_free_or_when_nothing_waits() -> None:
+    session, transport = holding_jobs(slots=2, n=10)
+    taken = session.queue.get(0)
+    assert taken is not None
+    session.queue.start(taken)
+    session.queue.claim(1)
+    session.results.running[0] = (session.clock(), 5)  # one of two slots busy
+    heartbeat_after(session, 10 * GIVE_BACK_AFTER_S)
+    assert transport.take(protocol.GiveBack) == []
+    lone, lone_transport = holding_jobs(slots=1, n=1)
+    running_long(lone, job_id=0, seq=5, offset=1)
+    heartbeat_after(lone, 0.0)
+    heartbeat_after(lone, 10 * GIVE_BACK_AFTER_S)
+    assert lone_transport.take(protocol.GiveBack) == [], "its only job is the long one"
+
+
 def test_flush_sends_merged_acks_failures_and_credit() -> None:
     session, transport = holding_jobs(slots=2, n=4)
     results = session.results
@@ -671,6 +731,88 @@ def test_async_executor_runs_up_to_concurrency() -> None:
     assert sorted(j for _, j, *_ in results.failed) == [0, 5, 20]
     assert results.finished == 12
     assert not results.running
+
+
+def _give_back_while_blocked(executor: Any, jobs: int, blocked: int) -> tuple[Results, list[int]]:
+    """Run ``jobs`` jobs where the first ``blocked`` wait until the queue's jobs not started
+    were taken back; return the results and the offsets where batches were taken."""
+    queue = JobQueue()
+    queue.put(batch(1, 0, list(range(jobs))))
+    queue.put(batch(2, 100, [100, 101]))
+    queue.close()
+    results = Results(lambda: None)
+    started = threading.Semaphore(0)
+    release = threading.Event()
+
+    def block(job: int) -> None:
+        if job < blocked:
+            started.release()
+            assert release.wait(10)
+
+    async def block_async(job: int) -> None:
+        if job < blocked:
+            started.release()
+            while not release.is_set():
+                await asyncio.sleep(0.001)
+
+    handle = block_async if isinstance(executor, AsyncExecutor) else block
+    executor.handle_job = handle
+    runner = threading.Thread(target=executor.run, args=(queue, results), daemon=True)
+    runner.start()
+    for _ in range(blocked):
+        assert started.acquire(timeout=10)
+    taken = queue.take_back()
+    release.set()
+    runner.join(10)
+    assert not runner.is_alive()
+    return results, [offset for _, offset in taken]
+
+
+def test_serial_executor_stops_where_the_rest_was_taken_back() -> None:
+    results, offsets = _give_back_while_blocked(SerialExecutor(lambda job: None), 100, 1)
+    cut = offsets[0]
+    claimed = executor_module.CLAIM_BLOCKS * executor_module.CLOCK_EVERY
+    assert 1 <= cut <= claimed, "at most the few jobs it had claimed still run"
+    assert offsets == [cut, 0], "the rest of batch 1, and all of batch 2"
+    assert expand(results.ok) == [(1, i) for i in range(cut)]
+
+
+@pytest.mark.parametrize("kind", ["threads", "async"])
+def test_concurrent_executors_start_nothing_taken_back(kind: str) -> None:
+    executor: Any = ThreadExecutor(lambda job: None, 3) if kind == "threads" else None
+    if executor is None:
+
+        async def noop(job: int) -> None:
+            pass
+
+        executor = AsyncExecutor(noop, 3)
+    results, offsets = _give_back_while_blocked(executor, 10, 3)
+    assert offsets == [3, 0]
+    assert expand(results.ok) == [(1, 0), (1, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("kind", ["serial", "threads"])
+def test_a_job_is_either_run_or_given_back_never_both(kind: str) -> None:
+    # take_back() in the middle of a stream of fast jobs, at a different moment each round.
+    rng = random.Random(7)
+    jobs = 20_000
+    for _ in range(20):
+        ran: list[int] = []
+        handle = ran.append  # list.append is atomic: safe from several threads
+        executor: Any = SerialExecutor(handle) if kind == "serial" else ThreadExecutor(handle, 4)
+        queue = JobQueue()
+        queue.put(batch(1, 0, list(range(jobs // 2))))
+        queue.put(batch(2, jobs // 2, list(range(jobs // 2, jobs))))
+        runner = threading.Thread(target=executor.run, args=(queue, Results(lambda: None)))
+        runner.start()
+        some = rng.randrange(1, jobs // 2)
+        wait_until(lambda ran=ran, some=some: len(ran) >= some, timeout=10, interval=0.0001)
+        taken = queue.take_back()
+        queue.close()
+        runner.join(10)
+        given = [job_id for b, offset in taken for job_id in b.id_seq()[offset:]]
+        assert not set(ran) & set(given), "a job given back also ran"
+        assert sorted(ran + given) == list(range(jobs)), "a job neither ran nor was given back"
 
 
 def test_make_executor_runs_an_async_handle_job_on_the_event_loop() -> None:
