@@ -301,7 +301,8 @@ class SerialExecutor:
                 # blocks at a time, slow ones one at a time.
                 end = min(pos + block, count)
                 if end > claimed:
-                    claimed = queue.claim(min(pos + block * CLAIM_BLOCKS, count))
+                    ahead = block * CLAIM_BLOCKS if block > 1 else 1
+                    claimed = queue.claim(min(pos + ahead, count))
                     if claimed <= pos:
                         count = pos  # the rest was given back
                         break

@@ -10,6 +10,7 @@ fake transport and a fake clock.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import heapq
 import logging
@@ -17,7 +18,7 @@ import pickle
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import protocol
@@ -120,6 +121,16 @@ class WorkerState:
 def _chunk_of(jobs: list[tuple[int, bytes]]) -> Chunk:
     ids = [job_id for job_id, _ in jobs]
     return Chunk(ids[0], [payload for _, payload in jobs], ids)
+
+
+def _ids_within(ids: Sequence[int], ranges: list[tuple[int, int]]) -> Iterator[int]:
+    """The ids (sorted) that fall in any of the ``[start, end)`` ranges."""
+    reach = -1
+    for start, end in sorted(ranges):
+        start = max(start, reach)  # overlaps are walked once
+        if start < end:
+            yield from ids[bisect.bisect_left(ids, start) : bisect.bisect_left(ids, end)]
+            reach = end
 
 
 class Master:
@@ -370,40 +381,45 @@ class Master:
                 worker.end_window = ack.end_window
 
     def handle_give_back(self, worker: WorkerState, message: protocol.GiveBack) -> None:
-        """Requeue the jobs a worker returns unstarted (its slots are all held by long jobs),
-        ahead of new ones, for whichever worker asks next."""
-        requeued: list[tuple[int, bytes]] = []
-        returned = 0
+        """Requeue the jobs a worker returns unstarted (its slots are all held by long jobs)
+        ahead of new ones, for the other workers.
+
+        The worker's credit goes too (it voids it on its side as it sends this): anything more
+        would queue behind the same long jobs. It grants credit again once one of them ends.
+        """
+        worker.credit = 0
+        runs: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
         for seq, first_id, count in message.returned:
+            runs[seq].append((first_id, first_id + count))
+        returned = requeued = 0
+        for seq, ranges in runs.items():
             lease = self.leases.get(seq)
             if lease is None or lease.worker != worker.identity:
                 continue  # settled meanwhile, or requeued when the worker was presumed lost
-            payloads = dict(zip(lease.chunk.id_list(), lease.chunk.pickles(), strict=True))
+            chunk = lease.chunk
+            # One pass over the lease, whatever the message claims: its work is bounded by
+            # what the worker holds, not by the frame.
+            ids = chunk.id_list() if chunk.ids is None else sorted(chunk.ids)
+            wanted = set(_ids_within(ids, ranges))
             newly = 0
-            end = first_id + count
-            # Bounded by the lease, whatever the entry claims.
-            ids = (
-                range(first_id, end)
-                if count <= len(payloads)
-                else sorted(i for i in payloads if first_id <= i < end)
-            )
-            for job_id in ids:
-                payload = payloads.get(job_id)
-                if payload is None or not lease.report(job_id, 1):
-                    continue  # not this lease's, or already answered for
-                newly += 1
-                if not self._is_resolved(job_id):
-                    requeued.append((job_id, payload))
+            back: list[tuple[int, bytes]] = []
+            for job_id, payload in zip(chunk.id_list(), chunk.pickles(), strict=True):
+                if job_id in wanted and lease.report(job_id, 1):  # not answered for before
+                    newly += 1
+                    if not self._is_resolved(job_id):
+                        back.append((job_id, payload))
             returned += newly
             self._lease_progress(lease, worker, newly)
-        if requeued:
-            requeued.sort()
-            self.requeue.appendleft(_chunk_of(requeued))
+            if back:
+                requeued += len(back)
+                # A suspect group stays one: it may hold the job that killed a worker.
+                line = self.suspects if lease.suspect else self.requeue
+                line.appendleft(_chunk_of(sorted(back)))
         logger.info(
             "worker=%s gave back %d jobs queued behind long ones (requeued %d)",
             worker.name,
             returned,
-            len(requeued),
+            requeued,
         )
 
     def _lease_progress(self, lease: Lease, worker: WorkerState, count: int) -> None:

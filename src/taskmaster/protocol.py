@@ -18,7 +18,8 @@ Worker → master::
     BYE        [4, reason]                                 leaving; requeue what it holds
     GIVE_BACK  [5, returned]                               jobs it will not start soon
                  returned: [[seq, first_id, count], …]    queued behind jobs that run long:
-                                                          the master hands them to others
+                                                          the master hands them to others,
+                                                          and the worker's credit is void
 
 Master → worker::
 

@@ -384,11 +384,14 @@ class Session(threading.Thread):
         """Send the master the jobs queued here if every slot is held by a long job."""
         if len(running) < self.slots or now - self._last_give_back < GIVE_BACK_AFTER_S:
             return
+        if self.job_time_s <= 0:
+            return  # the first jobs: nothing to compare with, and a window of two a slot
         youngest = max(started for started, _ in running.values())
         if now - youngest < max(GIVE_BACK_AFTER_S, GIVE_BACK_FACTOR * self.job_time_s):
             return
         if self.received - self._finished() <= len(running):
             return  # nothing waits behind them
+        finished = self.results.finished  # before: a job that ends meanwhile frees a slot
         returned: list[tuple[int, int, int]] = []
         for batch, offset in self.queue.take_back():
             ids = batch.id_seq()
@@ -400,11 +403,14 @@ class Session(threading.Thread):
             return
         returned = _merge(returned)
         count = sum(run[2] for run in returned)
-        self._flush(now)  # acks first: the master must not take a finished job for a returned one
         self.dropped += count
         self.given_back += count
         self._last_give_back = now
-        self._stuck_at_finished = self.results.finished
+        self._stuck_at_finished = finished
+        # The master drops our credit as it takes these back (anything it sent would queue
+        # behind the same jobs): void it here too. JOBS already on their way are counted
+        # when they come, and given back in turn if the slots are still held then.
+        self.granted = self.received
         logger.info(
             "gave back %d queued jobs: all %d slots busy for %.1fs or more",
             count,

@@ -255,6 +255,18 @@ def lose(h: Harness, worker: FakeWorker) -> None:
     assert worker.identity not in h.master.workers
 
 
+def drain(h: Harness, worker: FakeWorker) -> list[int]:
+    """Every job id ``worker`` is sent from now on, acking each batch with as much credit
+    (at the end of a run the master hands the rest out in pieces)."""
+    given: list[int] = []
+    while batches := worker.batches():
+        for b in batches:
+            given += b.ids
+            worker.ack_batch(b, credit=len(b.ids))
+        h.step()
+    return given
+
+
 # -- hello, credit, acks -----------------------------------------------------------------
 
 
@@ -740,13 +752,7 @@ def test_a_worker_lost_after_giving_back_requeues_only_what_it_kept(
     w1, batch = h.leased(credit=6)
     w1.send(protocol.give_back([(batch.seq, 1, 5)]))
     w2 = h.joined(credit=5)
-    given: list[int] = []
-    while batches := w2.batches():  # the master shares out the end of a run in pieces
-        for b in batches:
-            given += b.ids
-            w2.ack_batch(b, credit=len(b.ids))
-        h.step()
-    assert given == [1, 2, 3, 4, 5]
+    assert drain(h, w2) == [1, 2, 3, 4, 5]
     w1.bye()
     h.step()
     last = w2.one_batch()
@@ -771,6 +777,63 @@ def test_a_give_back_names_only_jobs_of_the_workers_own_leases(
     w3 = h.joined(credit=10)
     assert [i for b in w3.batches() for i in b.ids] == [2, 6, 7]
     assert h.master.dropped_frames == 0
+
+
+def test_jobs_given_back_are_not_sent_back_on_credit_left_over(
+    make: Callable[..., Harness],
+) -> None:
+    h = make(range(4))
+    w1 = h.joined(credit=10)  # more credit than there are jobs: 6 left over
+    batch = w1.one_batch()
+    w1.send(protocol.give_back([(batch.seq, 1, 3)]))
+    h.step()
+    assert w1.batches() == [], "its credit went with the jobs"
+    assert h.master.workers[w1.identity].credit == 0
+    w2 = h.joined(credit=10)
+    assert drain(h, w2) == [1, 2, 3]
+    w1.ack(credit=1, acks=[(batch.seq, 0, 1)])  # its long job ended: it asks again
+    h.step()
+    assert h.master.workers[w1.identity].credit == 1
+
+
+def test_a_suspect_group_given_back_stays_a_suspect_group(make: Callable[..., Harness]) -> None:
+    n = 4 * SUSPECT_SINGLES
+    h = make(range(n))
+    w1 = h.joined(credit=n)
+    w1.one_batch()
+    lose(h, w1)
+    w2 = h.joined(credit=n)
+    suspect = w2.one_batch()
+    assert h.master.leases[suspect.seq].suspect
+    w2.send(protocol.give_back([(suspect.seq, 1, n - 1)]))
+    w3 = h.joined(credit=n)  # it holds nothing: a suspect may go to it, alone
+    assert [b.ids for b in w3.batches()] == [list(range(1, n))]
+    assert h.master.leases[max(h.master.leases)].suspect
+
+
+def test_a_give_back_of_scattered_ids_takes_exactly_those(make: Callable[..., Harness]) -> None:
+    h = make(range(40))
+    w1 = h.joined(credit=40)
+    w1.one_batch()
+    lose(h, w1)
+    scattered = list(range(0, 40, 3))  # a lease with explicit ids: requeued after a loss
+    w2 = h.worker()
+    w2.hello(credit=0)
+    h.step()
+    h.master.suspects.clear()
+    h.master.requeue.append(_chunk_of([(i, pickle.dumps(i)) for i in scattered]))
+    w2.ack(credit=len(scattered))
+    h.step()
+    lease = w2.one_batch()
+    assert lease.ids == scattered
+    # One entry a job, overlapping and huge ones, ids in no lease: only what it holds counts.
+    entries = [(lease.seq, i, 1) for i in scattered[5:]]
+    entries += [(lease.seq, 16, 10), (lease.seq, 2**40, protocol.MAX_CREDIT)]
+    w2.send(protocol.give_back(entries))
+    h.step()
+    assert h.master.leases[lease.seq].remaining == 5
+    w3 = h.joined(credit=40)
+    assert drain(h, w3) == scattered[5:]
 
 
 def test_a_second_hello_voids_the_old_session(make: Callable[..., Harness]) -> None:
