@@ -399,8 +399,7 @@ class Master:
             chunk = lease.chunk
             # One pass over the lease, whatever the message claims: its work is bounded by
             # what the worker holds, not by the frame.
-            ids = chunk.id_list() if chunk.ids is None else sorted(chunk.ids)
-            wanted = set(_ids_within(ids, ranges))
+            wanted = set(_ids_within(sorted(chunk.id_list()), ranges))
             newly = 0
             back: list[tuple[int, bytes]] = []
             for job_id, payload in zip(chunk.id_list(), chunk.pickles(), strict=True):

@@ -130,7 +130,6 @@ class Session(threading.Thread):
         self._contact_deadline = clock() + wait_s
         self._next_heartbeat = 0.0
         self.stop_requested = False
-        self.given_back = 0
         self._last_give_back = -math.inf
         self._stuck_at_finished = -1  # results.finished when we last gave jobs back
         # (identity, job id, seq) of the worker this process replaces, which died running
@@ -404,7 +403,6 @@ class Session(threading.Thread):
         returned = _merge(returned)
         count = sum(run[2] for run in returned)
         self.dropped += count
-        self.given_back += count
         self._last_give_back = now
         self._stuck_at_finished = finished
         # The master drops our credit as it takes these back (anything it sent would queue
