@@ -118,9 +118,14 @@ class WorkerState:
         return f"{self.host}:{self.pid}"
 
 
-def _chunk_of(jobs: list[tuple[int, bytes]]) -> Chunk:
+def _chunk_of(jobs: list[tuple[int, bytes]], *, consecutive: bool = False) -> Chunk:
+    """A chunk of (id, pickle) pairs; with ``consecutive``, ids that follow each other make
+    one by its first id (acked by ranges) rather than by an explicit list."""
     ids = [job_id for job_id, _ in jobs]
-    return Chunk(ids[0], [payload for _, payload in jobs], ids)
+    payloads = [payload for _, payload in jobs]
+    if consecutive and ids[-1] - ids[0] + 1 == len(ids) and ids == sorted(ids):
+        return Chunk(ids[0], payloads)
+    return Chunk(ids[0], payloads, ids)
 
 
 def _ids_within(ids: Sequence[int], ranges: list[tuple[int, int]]) -> Iterator[int]:
@@ -384,14 +389,15 @@ class Master:
         """Requeue the jobs a worker returns unstarted (its slots are all held by long jobs)
         ahead of new ones, for the other workers.
 
-        The worker's credit goes too (it voids it on its side as it sends this): anything more
+        The worker's unused credit goes too (it voids the same on its side): anything more
         would queue behind the same long jobs. It grants credit again once one of them ends.
         """
-        worker.credit = 0
+        worker.credit -= message.voided  # below 0 by the jobs on their way: see the worker
         runs: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
         for seq, first_id, count in message.returned:
             runs[seq].append((first_id, first_id + count))
         returned = requeued = 0
+        chunks: list[tuple[Chunk, bool]] = []
         for seq, ranges in runs.items():
             lease = self.leases.get(seq)
             if lease is None or lease.worker != worker.identity:
@@ -400,6 +406,8 @@ class Master:
             # One pass over the lease, whatever the message claims: its work is bounded by
             # what the worker holds, not by the frame.
             wanted = set(_ids_within(sorted(chunk.id_list()), ranges))
+            if not wanted:
+                continue
             newly = 0
             back: list[tuple[int, bytes]] = []
             for job_id, payload in zip(chunk.id_list(), chunk.pickles(), strict=True):
@@ -412,8 +420,10 @@ class Master:
             if back:
                 requeued += len(back)
                 # A suspect group stays one: it may hold the job that killed a worker.
-                line = self.suspects if lease.suspect else self.requeue
-                line.appendleft(_chunk_of(sorted(back)))
+                chunks.append((_chunk_of(sorted(back), consecutive=True), lease.suspect))
+        # Lowest ids first, ahead of what was waiting: the resume point moves on soonest.
+        for chunk, suspect in sorted(chunks, key=lambda c: c[0].lowest()[0], reverse=True):
+            (self.suspects if suspect else self.requeue).appendleft(chunk)
         logger.info(
             "worker=%s gave back %d jobs queued behind long ones (requeued %d)",
             worker.name,

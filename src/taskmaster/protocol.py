@@ -16,10 +16,11 @@ Worker → master::
                  trip's work), what the master keeps it to at the end of a run; 0: unchanged
     HEARTBEAT  [3, running_job_id or -1, running_s, done_total]
     BYE        [4, reason]                                 leaving; requeue what it holds
-    GIVE_BACK  [5, returned]                               jobs it will not start soon
+    GIVE_BACK  [5, returned, voided]                       jobs it will not start soon
                  returned: [[seq, first_id, count], …]    queued behind jobs that run long:
-                                                          the master hands them to others,
-                                                          and the worker's credit is void
+                                                          the master hands them to others
+                 voided:   its credit not used yet (granted minus received; below 0 when
+                           jobs sent on it were given back before): void on both sides
 
 Master → worker::
 
@@ -120,6 +121,7 @@ class Bye(NamedTuple):
 
 class GiveBack(NamedTuple):
     returned: list[tuple[int, int, int]]  # (seq, first_id, count), as in an ACK's acks
+    voided: int  # credit the worker no longer counts on
 
 
 WorkerMessage = Hello | Ack | Heartbeat | Bye | GiveBack
@@ -191,8 +193,8 @@ def decode_from_worker(frame: bytes) -> WorkerMessage:
             return _decode_hello(msg)
         if kind == BYE and len(msg) == 2:
             return Bye(_text(msg[1], MAX_TEXT))
-        if kind == GIVE_BACK and len(msg) == 2:
-            return GiveBack(_job_runs(msg[1]))
+        if kind == GIVE_BACK and len(msg) == 3:
+            return GiveBack(_job_runs(msg[1]), _int(msg[2], -MAX_CREDIT, MAX_CREDIT))
     except (TypeError, ValueError, IndexError) as exc:
         raise ProtocolError(f"malformed message: {exc}") from None
     raise ProtocolError(f"unknown message type ({_describe(kind)})")
@@ -277,8 +279,8 @@ def bye(reason: str) -> bytes:
     return pack([BYE, reason])
 
 
-def give_back(returned: list[tuple[int, int, int]]) -> bytes:
-    return pack([GIVE_BACK, returned])
+def give_back(returned: list[tuple[int, int, int]], voided: int) -> bytes:
+    return pack([GIVE_BACK, returned, voided])
 
 
 def welcome(epoch: int, config: dict[str, Any]) -> bytes:

@@ -405,9 +405,11 @@ class Session(threading.Thread):
         self.dropped += count
         self._last_give_back = now
         self._stuck_at_finished = finished
-        # The master drops our credit as it takes these back (anything it sent would queue
-        # behind the same jobs): void it here too. JOBS already on their way are counted
-        # when they come, and given back in turn if the slots are still held then.
+        # Anything more the master sent would queue behind the same jobs: the credit it has
+        # not used is void, on both sides. The master takes off exactly what we do, so the
+        # two stay in step: jobs it sent before it reads this leave both below 0 when they
+        # come (and a later give-back of those brings both back to 0).
+        voided = self.granted - self.received
         self.granted = self.received
         logger.info(
             "gave back %d queued jobs: all %d slots busy for %.1fs or more",
@@ -415,7 +417,7 @@ class Session(threading.Thread):
             self.slots,
             now - youngest,
         )
-        self.transport.send(protocol.give_back(returned))
+        self.transport.send(protocol.give_back(returned, voided))
 
     def _running(self, now: float) -> dict[int, tuple[float, int]]:
         """Jobs running now: job id → (start time, batch seq)."""

@@ -733,7 +733,7 @@ def test_jobs_given_back_go_to_the_next_worker_first(make: Callable[..., Harness
     w1, batch = h.leased(credit=6)
     assert batch.ids == [0, 1, 2, 3, 4, 5]
     w1.ack(acks=[(batch.seq, 0, 1)])  # job 1 runs long; 2 … 5 wait behind it
-    w1.send(protocol.give_back([(batch.seq, 2, 4)]))
+    w1.send(protocol.give_back([(batch.seq, 2, 4)], 0))
     h.step()
     assert h.master.in_flight == 1, "only the long job is still out"
     w2 = h.joined(credit=5)
@@ -750,7 +750,7 @@ def test_a_worker_lost_after_giving_back_requeues_only_what_it_kept(
 ) -> None:
     h = make(range(6))
     w1, batch = h.leased(credit=6)
-    w1.send(protocol.give_back([(batch.seq, 1, 5)]))
+    w1.send(protocol.give_back([(batch.seq, 1, 5)], 0))
     w2 = h.joined(credit=5)
     assert drain(h, w2) == [1, 2, 3, 4, 5]
     w1.bye()
@@ -770,7 +770,9 @@ def test_a_give_back_names_only_jobs_of_the_workers_own_leases(
     w2, b2 = h.leased(credit=3)
     w1.ack(acks=[(b1.seq, 0, 1)])
     # Another worker's lease, ids outside its own, one already done, and one twice.
-    w1.send(protocol.give_back([(b2.seq, 3, 3), (b1.seq, 0, 1), (b1.seq, 2, 100), (b1.seq, 2, 1)]))
+    w1.send(
+        protocol.give_back([(b2.seq, 3, 3), (b1.seq, 0, 1), (b1.seq, 2, 100), (b1.seq, 2, 1)], 0)
+    )
     h.step()
     assert h.master.leases[b2.seq].remaining == 3
     assert h.master.leases[b1.seq].remaining == 1, "job 1 is still out"
@@ -785,7 +787,7 @@ def test_jobs_given_back_are_not_sent_back_on_credit_left_over(
     h = make(range(4))
     w1 = h.joined(credit=10)  # more credit than there are jobs: 6 left over
     batch = w1.one_batch()
-    w1.send(protocol.give_back([(batch.seq, 1, 3)]))
+    w1.send(protocol.give_back([(batch.seq, 1, 3)], 6))
     h.step()
     assert w1.batches() == [], "its credit went with the jobs"
     assert h.master.workers[w1.identity].credit == 0
@@ -805,7 +807,7 @@ def test_a_suspect_group_given_back_stays_a_suspect_group(make: Callable[..., Ha
     w2 = h.joined(credit=n)
     suspect = w2.one_batch()
     assert h.master.leases[suspect.seq].suspect
-    w2.send(protocol.give_back([(suspect.seq, 1, n - 1)]))
+    w2.send(protocol.give_back([(suspect.seq, 1, n - 1)], 0))
     w3 = h.joined(credit=n)  # it holds nothing: a suspect may go to it, alone
     assert [b.ids for b in w3.batches()] == [list(range(1, n))]
     assert h.master.leases[max(h.master.leases)].suspect
@@ -829,11 +831,26 @@ def test_a_give_back_of_scattered_ids_takes_exactly_those(make: Callable[..., Ha
     # One entry a job, overlapping and huge ones, ids in no lease: only what it holds counts.
     entries = [(lease.seq, i, 1) for i in scattered[5:]]
     entries += [(lease.seq, 16, 10), (lease.seq, 2**40, protocol.MAX_CREDIT)]
-    w2.send(protocol.give_back(entries))
+    w2.send(protocol.give_back(entries, 0))
     h.step()
     assert h.master.leases[lease.seq].remaining == 5
     w3 = h.joined(credit=40)
     assert drain(h, w3) == scattered[5:]
+
+
+def test_jobs_given_back_from_several_batches_go_out_lowest_first(
+    make: Callable[..., Harness],
+) -> None:
+    h = make(range(10))
+    w1, b1 = h.leased(credit=5)
+    w1.ack(credit=5)
+    h.step()
+    b2 = w1.one_batch()
+    assert (b1.ids, b2.ids) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
+    w1.send(protocol.give_back([(b1.seq, 1, 4), (b2.seq, 5, 5)], 0))
+    h.step()
+    w2 = h.joined(credit=10)
+    assert drain(h, w2) == list(range(1, 10)), "the resume point moves on soonest"
 
 
 def test_a_second_hello_voids_the_old_session(make: Callable[..., Harness]) -> None:

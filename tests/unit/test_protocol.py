@@ -62,7 +62,8 @@ def test_bye_round_trip() -> None:
 
 def test_give_back_round_trip() -> None:
     returned = [(3, 10, 4), (4, 0, 1)]
-    assert decode_from_worker(protocol.give_back(returned)) == GiveBack(returned)
+    assert decode_from_worker(protocol.give_back(returned, 7)) == GiveBack(returned, 7)
+    assert decode_from_worker(protocol.give_back(returned, -3)).voided == -3
 
 
 def test_master_messages_round_trip() -> None:
@@ -178,12 +179,17 @@ BAD_FRAMES: dict[str, bytes] = {
     "heartbeat nan seconds": packb([protocol.HEARTBEAT, 1, math.nan, 0]),
     "heartbeat infinite seconds": packb([protocol.HEARTBEAT, 1, math.inf, 0]),
     "heartbeat negative done": packb([protocol.HEARTBEAT, 1, 0.0, -5]),
-    "give back wrong arity": packb([protocol.GIVE_BACK, [], 0]),
-    "give back not a list": packb([protocol.GIVE_BACK, {"a": 1}]),
-    "give back entry short": packb([protocol.GIVE_BACK, [[1, 2]]]),
-    "give back zero count": packb([protocol.GIVE_BACK, [[1, 2, 0]]]),
-    "give back negative id": packb([protocol.GIVE_BACK, [[1, -2, 1]]]),
-    "give back huge count": packb([protocol.GIVE_BACK, [[1, 2, protocol.MAX_CREDIT + 1]]]),
+    "give back without voided credit": packb([protocol.GIVE_BACK, []]),
+    "give back not a list": packb([protocol.GIVE_BACK, {"a": 1}, 0]),
+    "give back entry short": packb([protocol.GIVE_BACK, [[1, 2]], 0]),
+    "give back zero count": packb([protocol.GIVE_BACK, [[1, 2, 0]], 0]),
+    "give back negative id": packb([protocol.GIVE_BACK, [[1, -2, 1]], 0]),
+    "give back huge count": packb([protocol.GIVE_BACK, [[1, 2, protocol.MAX_CREDIT + 1]], 0]),
+    "give back huge voided": packb([protocol.GIVE_BACK, [[1, 2, 1]], protocol.MAX_CREDIT + 1]),
+    "give back hugely negative voided": packb(
+        [protocol.GIVE_BACK, [[1, 2, 1]], -protocol.MAX_CREDIT - 1]
+    ),
+    "give back float voided": packb([protocol.GIVE_BACK, [[1, 2, 1]], 1.0]),
     "bye wrong arity": packb([protocol.BYE]),
     "bye reason not text": packb([protocol.BYE, 3]),
     "bin anywhere": packb([protocol.BYE, b"bytes"]),
@@ -269,7 +275,7 @@ def random_message(rng: random.Random) -> list[Any]:
             protocol.ACK: 5,
             protocol.HEARTBEAT: 4,
             protocol.BYE: 2,
-            protocol.GIVE_BACK: 2,
+            protocol.GIVE_BACK: 3,
         }
         size = arity.get(kind, 3) if rng.random() < 0.8 else rng.randrange(6)
         return [kind, *(random_value(rng) for _ in range(size - 1))]
@@ -300,6 +306,7 @@ def assert_valid(message: protocol.WorkerMessage) -> None:
     elif isinstance(message, GiveBack):
         for seq, first, count in message.returned:
             assert is_int(seq) and is_int(first) and 1 <= count <= protocol.MAX_CREDIT
+        assert type(message.voided) is int and abs(message.voided) <= protocol.MAX_CREDIT
     else:
         assert isinstance(message, Bye) and isinstance(message.reason, str)
 
@@ -331,7 +338,7 @@ def test_fuzz_random_bytes() -> None:
         protocol.hello("h", 1, 1, 1),
         protocol.ack(1, [(1, 2, 3)], []),
         protocol.bye("x"),
-        protocol.give_back([(1, 2, 3)]),
+        protocol.give_back([(1, 2, 3)], 4),
     ]
     for i in range(20_000):
         if i % 2:

@@ -383,6 +383,85 @@ def test_a_master_restart_delivers_each_job_once(tmp_path: Path) -> None:
         ledger.close()
 
 
+def test_jobs_on_their_way_at_a_give_back_leave_both_sides_in_step(tmp_path: Path) -> None:
+    from taskmaster.feeder import Feeder
+    from taskmaster.ledger import Ledger
+    from taskmaster.master import Master
+    from taskmaster.options import MasterConfig
+    from tests.conftest import wait_until
+    from tests.unit.test_master import IDENTITY, FakeTransport
+
+    ledger = Ledger.open(tmp_path / "s.db", IDENTITY)
+    feeder = Feeder(lambda: iter(range(100)), size=1000)
+    feeder.start()
+    try:
+        wait_until(lambda: feeder.exhausted)
+        clock = FakeClock()
+        master_side = FakeTransport()
+        master = Master(master_side, feeder, ledger, MasterConfig(), clock=clock)
+        session, worker_side = make_session()
+        session.clock = clock
+        in_flight: list[bytes] = []  # master → worker frames not delivered yet
+
+        def to_master() -> None:
+            for frame in worker_side.raw:
+                master_side.inbox.append((b"w", frame))
+            worker_side.raw.clear()
+            master.step(clock())
+            in_flight.extend(protocol.pack(message) for _, message in master_side.sent)
+            master_side.sent.clear()
+
+        def to_worker() -> None:
+            for frame in in_flight:
+                session.handle(frame, clock())
+            in_flight.clear()
+
+        def in_step() -> bool:
+            """What the worker counts on = the master's credit + the jobs on their way."""
+            on_their_way = 0
+            for frame in in_flight:
+                message = protocol.unpack_from_master(frame)
+                if message[0] == protocol.JOBS:
+                    on_their_way += len(protocol.decode_jobs(message)[1])
+            owed = master.workers[b"w"].credit + on_their_way
+            return session.granted - session.received == owed
+
+        session._send_hello(clock())
+        to_master()
+        to_worker()  # WELCOME and the first jobs, 0 and 1
+        session.job_time_s = 0.001  # fast jobs: a wide window
+        session._flush(clock())
+        to_master()  # the rest goes out, and stays on its way
+        assert len(in_flight) == 1 and session.received == 2 and in_step()
+        seq = session.queue._batches[0].seq
+        running_long(session, job_id=0, seq=seq, offset=1)
+        heartbeat_after(session, 0.0)
+        heartbeat_after(session, 2 * GIVE_BACK_AFTER_S)
+        [given] = worker_side.take(protocol.GiveBack)
+        assert given.returned == [(seq, 1, 1)] and given.voided > 0
+        to_master()  # the master reads the give-back only after it sent the rest
+        to_worker()
+        assert in_step()
+        assert session.granted - session.received < 0, "below 0 by the jobs given back since"
+        heartbeat_after(session, 2 * GIVE_BACK_AFTER_S)  # those are given back in turn
+        to_master()
+        to_worker()
+        assert in_step()
+        session.results.ok.append((seq, 0, 1))  # the long job ends: it asks again
+        session.results.finished = 1
+        session.results.busy_s = 3.0
+        session._flush(clock())
+        to_master()
+        assert in_step() and in_flight, "jobs come again"
+        to_worker()
+        assert in_step()
+        assert session.received - session._finished() <= session.window(), "within its window"
+    finally:
+        feeder.stop()
+        feeder.join(timeout=5)
+        ledger.close()
+
+
 def test_ping_of_the_same_master_is_just_a_sign_of_life() -> None:
     session, transport = make_session()
     welcome(session, epoch=7)
@@ -451,7 +530,7 @@ def heartbeat_after(session: Session, seconds: float) -> None:
 def test_jobs_queued_behind_a_long_job_are_given_back() -> None:
     session, transport = holding_jobs(slots=1, n=10)
     session.handle(jobs_frame(6, 10, 5), session.clock())
-    session.granted = session.received  # as if granted before, in earlier ACKs
+    session.granted = session.received + 7  # granted before, 7 of it not used by the master
     session.job_time_s = 0.001  # measured on earlier jobs
     running_long(session, job_id=1, seq=5, offset=2)
     heartbeat_after(session, 0.0)
@@ -460,10 +539,11 @@ def test_jobs_queued_behind_a_long_job_are_given_back() -> None:
     heartbeat_after(session, GIVE_BACK_AFTER_S * 0.2)
     [given] = transport.take(protocol.GiveBack)
     assert given.returned == [(5, 2, 8), (6, 10, 5)], "the rest of its batch, and the queue"
+    assert given.voided == 7, "the credit the master had not used is void"
     assert session.queue.queued_jobs == 0
     assert session.queue.claim(10) == 2, "the executor goes no further than it had claimed"
     assert session.window() == 1, "no more jobs while every slot is stuck"
-    assert session.granted == session.received, "its credit at the master went with them"
+    assert session.granted == session.received, "on this side too"
     session._flush(session.clock())
     assert all(ack.credit == 0 for ack in transport.take(protocol.Ack))
     heartbeat_after(session, 5.0)
