@@ -21,7 +21,7 @@ from . import (
 )
 from .errors import TaskmasterError, UsageError
 from .options import EXIT_INTERRUPTED, MasterOptions, Outcome, WorkerOptions
-from .supervisor import Supervisor, child_slot, run_over_told
+from .supervisor import Supervisor, child_slot, leaving, run_over_told
 from .transport import MasterTransport
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ def run_worker(options: WorkerOptions) -> int:
         black_box=slot.black_box if slot is not None else None,
         predecessor_died=(died.identity, died.job_id, died.seq) if died else None,
         run_over_told=run_over_told if slot is not None else None,
+        leaving=leaving if slot is not None else None,
     )  # fmt: skip
     return worker.run()
 

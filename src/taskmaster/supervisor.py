@@ -68,11 +68,22 @@ class ChildSlot(NamedTuple):
 
 _child_slot: ChildSlot | None = None
 _run_over_told = False
+# Set as a forked worker's last step begins (flush, exit): a stop signal then has nothing
+# left to interrupt, and an exception raised there would escape into the supervisor's frames.
+_leaving = False
 
 
 def child_slot() -> ChildSlot | None:
     """In a worker forked by a Supervisor: its slot; elsewhere ``None``."""
     return _child_slot
+
+
+def leaving() -> None:
+    """In a worker forked by a Supervisor: it is on its way out, so SIGTERM and the run-over
+    notice no longer interrupt it (they would only break its goodbyes: a KeyboardInterrupt
+    in a socket's finaliser, or in its last flush)."""
+    global _leaving
+    _leaving = True
 
 
 def run_over_told() -> bool:
@@ -179,6 +190,9 @@ class Supervisor:
                     logger.exception("worker crashed")
                     status = 1
                 finally:
+                    # First, before any call: a signal's handler runs only at one.
+                    global _leaving
+                    _leaving = True  # as leaving() does
                     with contextlib.suppress(Exception):
                         sys.stdout.flush()
                         sys.stderr.flush()
@@ -321,10 +335,12 @@ class Supervisor:
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    if not _leaving:
+        raise KeyboardInterrupt
 
 
 def _run_over(signum: int, frame: object) -> None:
     global _run_over_told
     _run_over_told = True
-    raise KeyboardInterrupt
+    if not _leaving:
+        raise KeyboardInterrupt

@@ -480,10 +480,13 @@ class Worker:
         black_box: memoryview | None = None,
         predecessor_died: tuple[int, int, int] | None = None,
         run_over_told: Callable[[], bool] | None = None,
+        leaving: Callable[[], None] | None = None,
     ) -> None:
         self.address = address
         # Whether this worker's supervisor said the run is over (another worker heard END).
         self.run_over_told = run_over_told
+        # Called as the worker starts to leave: its supervisor's stop signals are moot then.
+        self.leaving = leaving
         self.black_box = black_box
         self.predecessor_died = predecessor_died
         self.keys = keys
@@ -527,6 +530,8 @@ class Worker:
         try:
             self.executor.run(queue, results)
         finally:
+            if self.leaving is not None:
+                self.leaving()
             queue.close()
             session.stop_requested = True
             wake()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -204,6 +205,56 @@ def test_the_others_are_told_the_run_is_over_not_just_stopped(tmp_path: Path) ->
 
     assert Supervisor(2, main).run() == EXIT_OK
     assert [line.split()[1] for line in lines(told)] == ["True"]
+
+
+def test_a_worker_told_the_run_is_over_as_it_leaves_still_exits_0(
+    tmp_path: Path, children: list[int]
+) -> None:
+    # Seen with tm-run: the notice reached a worker that had heard END itself and was
+    # flushing its output on the way out; its KeyboardInterrupt escaped into the
+    # supervisor's frames, printed a traceback and made the worker exit 1.
+    statuses = tmp_path / "statuses"
+
+    class NoticeOnFlush:
+        def write(self, text: str) -> int:
+            return len(text)
+
+        def flush(self) -> None:
+            os.kill(os.getpid(), supervisor_module.RUN_OVER_SIGNAL)
+            time.sleep(0)  # its handler runs here
+
+    def main(index: int) -> int:
+        sys.stdout = NoticeOnFlush()
+        return EXIT_OK
+
+    pid = os.fork()
+    if pid == 0:  # a supervisor of our own: whatever escapes a worker ends here
+        code = 99
+        try:
+            sup = Supervisor(1, main)
+            code = sup.run()
+            mark(statuses, " ".join(str(slot.status) for slot in sup.slots))
+        finally:
+            os._exit(code)
+    children.append(pid)
+    _, status = os.waitpid(pid, 0)
+    children.remove(pid)
+    assert os.waitstatus_to_exitcode(status) == EXIT_OK
+    assert [line.split(" ", 1)[1] for line in lines(statuses)] == [str(EXIT_OK)]
+
+
+def test_a_leaving_worker_is_not_interrupted_any_more(tmp_path: Path) -> None:
+    # What Worker.run says as it starts its goodbyes: a stop now would only break them.
+    def main(index: int) -> int:
+        supervisor_module.leaving()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), supervisor_module.RUN_OVER_SIGNAL)
+        time.sleep(0)  # the handlers run here, and raise nothing
+        return EXIT_OK
+
+    sup = Supervisor(1, main)
+    assert sup.run() == EXIT_OK
+    assert [slot.status for slot in sup.slots] == [EXIT_OK]
 
 
 def test_a_stopped_worker_is_not_told_the_run_is_over(tmp_path: Path) -> None:
