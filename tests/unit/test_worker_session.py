@@ -4,6 +4,7 @@ transport, ``_merge``, and the executors fed from a JobQueue into a Results box.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pickle
 import random
 import threading
@@ -337,7 +338,11 @@ def test_repeated_rehello_or_pause_gives_one_hello(frame: bytes) -> None:
     assert len(transport.take(protocol.Hello)) == 1
 
 
-def test_a_master_restart_delivers_each_job_once(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def master_and_session(tmp_path: Path, jobs: int) -> Iterator[tuple[Any, Any, Session, Any]]:
+    """A real Master over ``jobs`` jobs (all buffered) and a Session on the same fake clock,
+    each with a fake transport the test carries frames between: (master, its transport,
+    session, its transport). The session's identity at the master is ``b"w"``."""
     from taskmaster.feeder import Feeder
     from taskmaster.ledger import Ledger
     from taskmaster.master import Master
@@ -346,7 +351,7 @@ def test_a_master_restart_delivers_each_job_once(tmp_path: Path) -> None:
     from tests.unit.test_master import IDENTITY, FakeTransport
 
     ledger = Ledger.open(tmp_path / "s.db", IDENTITY)
-    feeder = Feeder(lambda: iter(range(20)), size=100)
+    feeder = Feeder(lambda: iter(range(jobs)), size=max(100, 2 * jobs))
     feeder.start()
     try:
         wait_until(lambda: feeder.exhausted)
@@ -355,6 +360,16 @@ def test_a_master_restart_delivers_each_job_once(tmp_path: Path) -> None:
         master = Master(master_side, feeder, ledger, MasterConfig(), clock=clock)
         session, worker_side = make_session()
         session.clock = clock
+        yield master, master_side, session, worker_side
+    finally:
+        feeder.stop()
+        feeder.join(timeout=5)
+        ledger.close()
+
+
+def test_a_master_restart_delivers_each_job_once(tmp_path: Path) -> None:
+    with master_and_session(tmp_path, 20) as (master, master_side, session, worker_side):
+        clock = session.clock
         welcome(session, epoch=1)  # welcomed by the master that is gone
         session._flush(clock())
         worker_side.raw.clear()
@@ -375,32 +390,13 @@ def test_a_master_restart_delivers_each_job_once(tmp_path: Path) -> None:
                         deliveries[job_id] = deliveries.get(job_id, 0) + 1
                 session.handle(protocol.pack(message), clock())
             master_side.sent.clear()
-            clock.now += 0.01
+            clock.now += 0.01  # type: ignore[attr-defined]
         assert deliveries and set(deliveries.values()) == {1}, deliveries
-    finally:
-        feeder.stop()
-        feeder.join(timeout=5)
-        ledger.close()
 
 
 def test_jobs_on_their_way_at_a_give_back_leave_both_sides_in_step(tmp_path: Path) -> None:
-    from taskmaster.feeder import Feeder
-    from taskmaster.ledger import Ledger
-    from taskmaster.master import Master
-    from taskmaster.options import MasterConfig
-    from tests.conftest import wait_until
-    from tests.unit.test_master import IDENTITY, FakeTransport
-
-    ledger = Ledger.open(tmp_path / "s.db", IDENTITY)
-    feeder = Feeder(lambda: iter(range(100)), size=1000)
-    feeder.start()
-    try:
-        wait_until(lambda: feeder.exhausted)
-        clock = FakeClock()
-        master_side = FakeTransport()
-        master = Master(master_side, feeder, ledger, MasterConfig(), clock=clock)
-        session, worker_side = make_session()
-        session.clock = clock
+    with master_and_session(tmp_path, 100) as (master, master_side, session, worker_side):
+        clock = session.clock
         in_flight: list[bytes] = []  # master → worker frames not delivered yet
 
         def to_master() -> None:
@@ -456,10 +452,6 @@ def test_jobs_on_their_way_at_a_give_back_leave_both_sides_in_step(tmp_path: Pat
         to_worker()
         assert in_step()
         assert session.received - session._finished() <= session.window(), "within its window"
-    finally:
-        feeder.stop()
-        feeder.join(timeout=5)
-        ledger.close()
 
 
 def test_ping_of_the_same_master_is_just_a_sign_of_life() -> None:
@@ -821,9 +813,10 @@ def test_async_executor_runs_up_to_concurrency() -> None:
     assert not results.running
 
 
-def _give_back_while_blocked(executor: Any, jobs: int, blocked: int) -> tuple[Results, list[int]]:
-    """Run ``jobs`` jobs where the first ``blocked`` wait until the queue's jobs not started
-    were taken back; return the results and the offsets where batches were taken."""
+def _give_back_while_blocked(kind: str, jobs: int, blocked: int) -> tuple[Results, list[int]]:
+    """Run ``jobs`` jobs on a ``kind`` executor (3 slots where it has several) whose first
+    ``blocked`` jobs wait until the jobs not started were taken back; return the results
+    and the offsets where batches were taken."""
     queue = JobQueue()
     queue.put(batch(1, 0, list(range(jobs))))
     queue.put(batch(2, 100, [100, 101]))
@@ -840,11 +833,15 @@ def _give_back_while_blocked(executor: Any, jobs: int, blocked: int) -> tuple[Re
     async def block_async(job: int) -> None:
         if job < blocked:
             started.release()
-            while not release.is_set():
-                await asyncio.sleep(0.001)
+            assert await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
 
-    handle = block_async if isinstance(executor, AsyncExecutor) else block
-    executor.handle_job = handle
+    executor: Any
+    if kind == "serial":
+        executor = SerialExecutor(block)
+    elif kind == "threads":
+        executor = ThreadExecutor(block, 3)
+    else:
+        executor = AsyncExecutor(block_async, 3)
     runner = threading.Thread(target=executor.run, args=(queue, results), daemon=True)
     runner.start()
     for _ in range(blocked):
@@ -857,7 +854,7 @@ def _give_back_while_blocked(executor: Any, jobs: int, blocked: int) -> tuple[Re
 
 
 def test_serial_executor_stops_where_the_rest_was_taken_back() -> None:
-    results, offsets = _give_back_while_blocked(SerialExecutor(lambda job: None), 100, 1)
+    results, offsets = _give_back_while_blocked("serial", 100, 1)
     cut = offsets[0]
     assert cut == 1, "a slow job (the first is taken for one) claims nothing beyond itself"
     assert offsets == [cut, 0], "the rest of batch 1, and all of batch 2"
@@ -866,14 +863,7 @@ def test_serial_executor_stops_where_the_rest_was_taken_back() -> None:
 
 @pytest.mark.parametrize("kind", ["threads", "async"])
 def test_concurrent_executors_start_nothing_taken_back(kind: str) -> None:
-    executor: Any = ThreadExecutor(lambda job: None, 3) if kind == "threads" else None
-    if executor is None:
-
-        async def noop(job: int) -> None:
-            pass
-
-        executor = AsyncExecutor(noop, 3)
-    results, offsets = _give_back_while_blocked(executor, 10, 3)
+    results, offsets = _give_back_while_blocked(kind, 10, 3)
     assert offsets == [3, 0]
     assert expand(results.ok) == [(1, 0), (1, 1), (1, 2)]
 
