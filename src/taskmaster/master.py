@@ -55,7 +55,9 @@ class Transport(Protocol):
 class Lease:
     """Jobs sent to one worker in one message and not yet all acknowledged."""
 
-    __slots__ = ("seq", "worker", "chunk", "sent_at", "remaining", "suspect", "reported")
+    __slots__ = (
+        "seq", "worker", "chunk", "sent_at", "remaining", "suspect", "reported", "_id_set",
+    )  # fmt: skip
 
     def __init__(
         self, seq: int, worker: bytes, chunk: Chunk, sent_at: float, remaining: int, suspect: bool
@@ -67,6 +69,24 @@ class Lease:
         self.remaining = remaining
         self.suspect = suspect
         self.reported: CompletedSet | None = None
+        self._id_set: frozenset[int] | None = None
+
+    def within(self, first_id: int, count: int) -> list[int] | range:
+        """The ids of this lease among ``count`` from ``first_id``.
+
+        A report never settles jobs outside the batch it names: a worker's bug (or a
+        hostile peer with the key) would otherwise mark jobs done that nobody ran, or make
+        the loop walk a range of any size.
+        """
+        chunk = self.chunk
+        end = first_id + count
+        if chunk.ids is None:
+            return range(max(first_id, chunk.first_id), min(end, chunk.first_id + len(chunk)))
+        if self._id_set is None:
+            self._id_set = frozenset(chunk.ids)
+        if count <= len(self._id_set):
+            return [i for i in range(first_id, end) if i in self._id_set]
+        return sorted(i for i in self._id_set if first_id <= i < end)
 
     def report(self, first_id: int, count: int) -> int:
         """Note ``count`` jobs from ``first_id`` as reported; return how many were new here."""
@@ -359,18 +379,31 @@ class Master:
         leases = self.leases
         newly_total = 0
         acked_total = 0
+        named: dict[int, Lease] = {}  # a lease settled by this message still bounds its entries
         for seq, first_id, count in ack.acks:
-            lease = leases.get(seq)
-            acked_total += count
-            if lease is not None and lease.chunk.ids is not None:
-                newly = self._resolve_ids(range(first_id, first_id + count), lease)
+            lease = leases.get(seq) or named.get(seq)
+            if lease is None:
+                # Settled or requeued meanwhile (say, the worker was presumed lost and came
+                # back): the jobs it ran still count, once.
+                acked_total += count
+                newly_total += self._resolve_range(first_id, count)
+                continue
+            named[seq] = lease
+            ids = lease.within(first_id, count)
+            acked_total += len(ids)
+            if isinstance(ids, range):
+                newly_total += self._resolve_range(ids.start, len(ids))
             else:
-                newly = self._resolve_range(first_id, count)
-            newly_total += newly
-            if lease is not None and worker is not None and lease.worker == worker.identity:
+                newly_total += self._resolve_ids(ids, lease)
+            if worker is not None and lease.worker == worker.identity and ids:
                 # Count what the lease had not heard of yet: a repeated report must not
                 # release the lease's other jobs.
-                self._lease_progress(lease, worker, lease.report(first_id, count))
+                if isinstance(ids, range):
+                    reported = lease.report(ids.start, len(ids))
+                else:
+                    reported = sum(lease.report(job_id, 1) for job_id in ids)
+                if reported:
+                    self._lease_progress(lease, worker, reported)
         for seq, job_id, error, message, traceback in ack.failures:
             lease = self._lease_holding(worker, seq, job_id)
             self._handle_failure(worker, lease, job_id, error, message, traceback, now)
@@ -472,7 +505,10 @@ class Master:
 
     def _resolve_range(self, first_id: int, count: int) -> int:
         if self.retrying is not None:
-            return self._resolve_ids(range(first_id, first_id + count), None)
+            end = first_id + count
+            if count > len(self.retrying):  # walk the smaller of the two
+                return self._resolve_ids([i for i in self.retrying if first_id <= i < end], None)
+            return self._resolve_ids(range(first_id, end), None)
         return self.completed.add(first_id, count)
 
     def _resolve_ids(self, ids: Iterable[int], lease: Lease | None) -> int:

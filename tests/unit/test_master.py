@@ -439,6 +439,68 @@ def test_a_repeated_partial_ack_does_not_release_the_rest_of_the_lease(
     assert not h.master.finished, "jobs 2 and 3 never ran"
 
 
+def test_an_ack_settles_only_the_jobs_of_its_batch(make: Callable[..., Harness]) -> None:
+    h = make(range(20))
+    w, first = h.leased(credit=4)
+    w.ack(credit=4)
+    h.step()
+    second = w.one_batch()
+    assert (first.ids, second.ids) == ([0, 1, 2, 3], [4, 5, 6, 7])
+    # A bug's entry, reaching from before the batch to far past it.
+    w.ack(acks=[(second.seq, 1, protocol.MAX_CREDIT)])
+    h.step()
+    assert (h.master.state.done, h.master.state.duplicates) == (4, 0)
+    assert [i for i in range(20) if i in h.master.completed] == [4, 5, 6, 7]
+    assert h.master.in_flight == 4 and list(h.master.leases) == [first.seq]
+    w.ack_batch(first)
+    h.step()
+    w2 = h.joined(credit=20)
+    assert drain(h, w2) == list(range(8, 20))
+
+
+def test_an_ack_for_a_batch_of_scattered_ids_settles_only_those(
+    make: Callable[..., Harness],
+) -> None:
+    h = make(range(40))
+    w1 = h.joined(credit=40)
+    w1.one_batch()
+    lose(h, w1)
+    scattered = list(range(0, 40, 3))  # a lease with explicit ids: requeued after a loss
+    w2 = h.worker()
+    w2.hello(credit=0)
+    h.step()
+    h.master.suspects.clear()
+    h.master.requeue.append(_chunk_of([(i, pickle.dumps(i)) for i in scattered]))
+    w2.ack(credit=len(scattered))
+    h.step()
+    lease = w2.one_batch()
+    assert lease.ids == scattered
+    # A huge range is one pass over the lease, not over the range (the loop stays live).
+    w2.ack(acks=[(lease.seq, 0, protocol.MAX_CREDIT), (lease.seq, 20, protocol.MAX_CREDIT)])
+    h.step()
+    assert h.master.state.done == len(scattered)
+    assert h.master.state.duplicates == len([i for i in scattered if i >= 20])
+    assert all((i in h.master.completed) == (i % 3 == 0) for i in range(40))
+    assert lease.seq not in h.master.leases
+
+
+@pytest.mark.timeout(10)  # walking each entry's range would take hours
+def test_a_late_ack_in_a_retry_run_walks_only_the_jobs_retried(
+    make: Callable[..., Harness],
+) -> None:
+    payloads = [(5, pickle.dumps("five")), (9, pickle.dumps("nine"))]
+    h = make(prepickled=payloads, retrying={5: 1, 9: 2})
+    h.master.state.failed = 2
+    w, batch = h.leased(credit=2)
+    # Leases it never had (trusted as late reports: the jobs ran), each a million ids wide.
+    w.ack(acks=[(batch.seq + k, 0, protocol.MAX_CREDIT) for k in range(1, 1001)])
+    h.step()
+    assert (h.master.state.done, h.master.state.failed) == (2, 0)
+    w.ack_batch(batch)
+    h.step()
+    assert h.master.finished
+
+
 def test_ack_credit_is_added_to_the_worker(make: Callable[..., Harness]) -> None:
     h = make(range(0))
     w = h.joined(credit=2)
