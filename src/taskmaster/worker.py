@@ -132,6 +132,8 @@ class Session(threading.Thread):
         self.stop_requested = False
         self._last_give_back = -math.inf
         self._stuck_at_finished = -1  # results.finished when we last gave jobs back
+        # Jobs found running far longer than the others at the last heartbeat.
+        self._stuck_ids: frozenset[int] = frozenset()
         # (identity, job id, seq) of the worker this process replaces, which died running
         # that job: said in HELLO so the master charges exactly that job.
         self.predecessor_died: tuple[int, int, int] | None = None
@@ -144,17 +146,28 @@ class Session(threading.Thread):
     # -- credit --------------------------------------------------------------------------
 
     def window(self, prefetch_s: float = PREFETCH_S) -> int:
-        """Jobs we want held for us: running slots plus ``prefetch_s`` of their work."""
+        """Jobs we want held for us: running slots plus ``prefetch_s`` of their work.
+
+        Slots stuck in a long job count for the job they hold, not for prefetch: 49 hung
+        threads of 50 must not keep a window of 1,000 jobs for the 50th.
+        """
         if self.results.finished == self._stuck_at_finished:
             return self.slots  # no job ended since we gave jobs back: hold nothing more
         if self.job_time_s <= 0:
             return self.slots * 2
-        prefetch = int(prefetch_s * self.slots / self.job_time_s)
+        prefetch = int(prefetch_s * (self.slots - self._stuck_slots()) / self.job_time_s)
         window = min(self.slots + prefetch, MAX_WINDOW)
         if self._job_bytes.amount:
             fits = int(MAX_WINDOW_BYTES / self._job_bytes.mean)
             window = min(window, max(fits, self.slots))
         return window
+
+    def _stuck_slots(self) -> int:
+        """How many of the jobs found stuck at the last heartbeat still run."""
+        if not self._stuck_ids:
+            return 0
+        running, current = self.results.running, self.results.current_id
+        return sum(1 for job_id in self._stuck_ids if job_id == current or job_id in running)
 
     def _finished(self) -> int:
         return self.results.finished + self.dropped
@@ -363,6 +376,7 @@ class Session(threading.Thread):
                 if self.welcomed:
                     self._give_back_if_stuck(now, running)
             else:
+                self._stuck_ids = frozenset()
                 self.transport.send(protocol.heartbeat(-1, 0.0, self.results.finished))
         if self.welcomed:
             if now - self._last_from_master > self.liveness_s:
@@ -380,16 +394,22 @@ class Session(threading.Thread):
                 self._send_hello(now)
 
     def _give_back_if_stuck(self, now: float, running: dict[int, tuple[float, int]]) -> None:
-        """Send the master the jobs queued here if every slot is held by a long job."""
-        if len(running) < self.slots or now - self._last_give_back < GIVE_BACK_AFTER_S:
-            return
+        """Send the master the jobs queued here if the slots not held by long jobs would
+        take more than ``GIVE_BACK_AFTER_S`` to get through them (all of them, when every
+        slot is held)."""
         if self.job_time_s <= 0:
             return  # the first jobs: nothing to compare with, and a window of two a slot
-        youngest = max(started for started, _ in running.values())
-        if now - youngest < max(GIVE_BACK_AFTER_S, GIVE_BACK_FACTOR * self.job_time_s):
+        long_after = max(GIVE_BACK_AFTER_S, GIVE_BACK_FACTOR * self.job_time_s)
+        self._stuck_ids = frozenset(i for i, (t, _) in running.items() if now - t >= long_after)
+        stuck = len(self._stuck_ids)
+        if not stuck or now - self._last_give_back < GIVE_BACK_AFTER_S:
             return
-        if self.received - self._finished() <= len(running):
+        waiting = self.received - self._finished() - len(running)
+        if waiting <= 0:
             return  # nothing waits behind them
+        free = self.slots - stuck
+        if free and waiting * self.job_time_s / free < GIVE_BACK_AFTER_S + PREFETCH_S:
+            return  # the other slots get through it soon enough
         finished = self.results.finished  # before: a job that ends meanwhile frees a slot
         returned: list[tuple[int, int, int]] = []
         for batch, offset in self.queue.take_back():
@@ -412,10 +432,11 @@ class Session(threading.Thread):
         voided = self.granted - self.received
         self.granted = self.received
         logger.info(
-            "gave back %d queued jobs: all %d slots busy for %.1fs or more",
+            "gave back %d queued jobs: %d of %d slots busy with one job for %.1fs or more",
             count,
+            stuck,
             self.slots,
-            now - youngest,
+            long_after,
         )
         self.transport.send(protocol.give_back(returned, voided))
 

@@ -33,6 +33,7 @@ RECORD = os.environ["TM_TEST_RECORD"]
 SLEEP = float(os.environ.get("TM_TEST_SLEEP", "0"))
 GATE_JOB = int(os.environ.get("TM_TEST_GATE_JOB", "-1"))
 GATE = os.environ.get("TM_TEST_GATE", "")
+GATE_BELOW = int(os.environ.get("TM_TEST_GATE_BELOW", "0"))
 
 def get_jobs(n="1000", last=None):
     start = last if last is not None else 0
@@ -40,7 +41,10 @@ def get_jobs(n="1000", last=None):
         yield i
 
 def handle_job(job):
-    if job == GATE_JOB:
+    if job < GATE_BELOW:
+        while not Path(GATE).exists():
+            time.sleep(0.01)
+    elif job == GATE_JOB:
         # Block until the test opens the gate (only the first run waits).
         started = Path(GATE + ".started")
         if not started.exists():
@@ -317,6 +321,26 @@ def test_a_long_job_does_not_hold_back_the_jobs_queued_behind_it(
     assert proc.wait(timeout=30) == 0, log.read_text()
     assert sorted(_record(tmp_path)) == list(range(20000)), "each job ran once"
     assert "gave back" in log.read_text()
+
+
+def test_threads_held_by_long_jobs_give_back_the_jobs_the_free_ones_cannot_run_soon(
+    procs: Processes, tasks: dict[str, str], tmp_path: Path, logs
+) -> None:
+    # Jobs 0-18 hang in 19 of the first worker's 20 threads. Its 20th thread alone would
+    # need seconds for the window of 10 ms jobs its worker held: they go back to the other.
+    gate = tmp_path / "gate"
+    env = {**tasks, "TM_TEST_GATE_BELOW": "19", "TM_TEST_GATE": str(gate), "TM_TEST_SLEEP": "0.01"}
+    state = tmp_path / "state.db"
+    args = ("tm-run", "tasks.py", "2", "n=6000", "--threads", "20", "--state", str(state))
+    options = ("--no-progress", "--log-level", "info")
+    log = tmp_path / "run.log"
+    proc = procs.start(*args, *options, env=env, stderr=logs(log.name))
+    wait_until(lambda: len(_record(tmp_path)) >= 6000 - 19 or proc.poll() is not None, 60)
+    assert proc.poll() is None, "the hung jobs hold the run open"
+    assert "gave back" in log.read_text()
+    gate.write_text("open")
+    assert proc.wait(timeout=30) == 0, log.read_text()
+    assert sorted(_record(tmp_path)) == list(range(6000)), "each job ran once"
 
 
 # -- refusals that change nothing -------------------------------------------------------------

@@ -541,11 +541,56 @@ def test_jobs_queued_behind_a_long_job_are_given_back() -> None:
     heartbeat_after(session, 5.0)
     assert transport.take(protocol.GiveBack) == [], "nothing left to give back"
     session.results.ok.append((5, 0, 2))  # job 1 ends (with job 0 before it)
+    session.results.black_box[0] = -1
     session.results.finished = 2
     session.results.busy_s = 0.002
     session._flush(session.clock())
     [ack] = transport.take(protocol.Ack)
     assert ack.acks == [(5, 0, 2)] and ack.credit == session.window() > 1
+
+
+def threads_running(session: Session, started: list[float]) -> None:
+    """A thread executor took batch 5 and runs its first jobs, started at ``started``."""
+    taken = session.queue.get(0)
+    assert taken is not None and taken.seq == 5
+    session.queue.start(taken)
+    for job_id, at in enumerate(started):
+        assert session.queue.claim_next()
+        session.results.running[job_id] = (at, 5)
+
+
+def test_slots_held_by_long_jobs_prefetch_nothing_and_their_backlog_goes_back() -> None:
+    session, transport = holding_jobs(slots=4, n=1000)
+    session.job_time_s = 0.01
+    t0 = session.clock()
+    threads_running(session, [t0, t0, t0])  # three of four threads hang in jobs 0, 1, 2
+    heartbeat_after(session, 0.0)
+    assert session.window() == 4 + int(PREFETCH_S * 4 / 0.01), "nothing stuck yet"
+    session.clock.now += 1.1 * GIVE_BACK_AFTER_S  # type: ignore[attr-defined]
+    assert session.queue.claim_next()
+    session.results.running[3] = (session.clock(), 5)  # the fourth thread's job 3, just begun
+    heartbeat_after(session, 0.0)
+    [given] = transport.take(protocol.GiveBack)
+    assert given.returned == [(5, 4, 996)], "one thread would need 10 s for them"
+    session.results.running.pop(3)  # job 3 ends: the free thread's window is its own
+    session.results.finished = 1
+    assert session.window() == 4 + int(PREFETCH_S * 1 / 0.01)
+    for job_id in (0, 1, 2):
+        session.results.running.pop(job_id)  # the long jobs end too: all four prefetch again
+    assert session.window() == 4 + int(PREFETCH_S * 4 / 0.01)
+
+
+def test_one_long_job_among_threads_keeps_the_queue_the_others_get_through() -> None:
+    session, transport = holding_jobs(slots=4, n=100)
+    session.job_time_s = 0.01
+    threads_running(session, [session.clock()])
+    session.clock.now += 1.1 * GIVE_BACK_AFTER_S  # type: ignore[attr-defined]
+    for job_id in (1, 2, 3):
+        assert session.queue.claim_next()
+        session.results.running[job_id] = (session.clock(), 5)
+    heartbeat_after(session, 0.0)
+    assert transport.take(protocol.GiveBack) == [], "three threads run 96 jobs in 0.3 s"
+    assert session.window() == 4 + int(PREFETCH_S * 3 / 0.01), "no prefetch for the long one"
 
 
 def test_no_give_back_while_a_slot_is_free_or_when_nothing_waits() -> None:
