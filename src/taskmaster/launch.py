@@ -142,7 +142,9 @@ def run_all(master: MasterOptions, worker: WorkerOptions, n: int) -> Outcome:
         _stop_child(pid, wait_first_s=0.0)
         raise
     # After END the workers leave by themselves; after an interruption they are told to.
-    _stop_child(pid, wait_first_s=0.0 if outcome.status == EXIT_INTERRUPTED else 1.0)
+    done_before = outcome.summary is not None and outcome.summary.already_complete
+    stopped = outcome.status == EXIT_INTERRUPTED or done_before
+    _stop_child(pid, wait_first_s=0.0 if stopped else 1.0)
     return outcome
 
 

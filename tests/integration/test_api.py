@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import taskmaster
+from taskmaster import launch
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -63,13 +64,24 @@ def test_run_does_every_job(tmp_path: Path, record: Path) -> None:
     assert ran(record) == list(range(N))
 
 
-def test_run_again_after_completion_does_nothing(tmp_path: Path, record: Path) -> None:
+def test_run_again_after_completion_does_nothing(
+    tmp_path: Path, record: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     state = tmp_path / "s.db"
     first = taskmaster.run(get_jobs, record_job, workers=1, state=state, progress="none")
     assert first.ok
+    waits: list[float] = []
+    stop_child = launch._stop_child
+
+    def spy(pid: int, wait_first_s: float) -> None:
+        waits.append(wait_first_s)
+        stop_child(pid, wait_first_s)
+
+    monkeypatch.setattr(launch, "_stop_child", spy)
     again = taskmaster.run(get_jobs, record_job, workers=1, state=state, progress="none")
     assert again.ok and again.done == N
     assert ran(record) == list(range(N)), "nothing ran twice"
+    assert waits == [0.0], "its workers, told nothing, are stopped at once (not after 1 s)"
 
 
 def test_run_reports_failures(tmp_path: Path, record: Path) -> None:
