@@ -599,15 +599,30 @@ class AsyncExecutor(_Concurrent):
         item: Any,
         packed: bool,
     ) -> None:
+        import asyncio  # loaded by run(): a lookup
+
         self._started(results, seq, job_id)
         error: BaseException | None = None
         try:
             await self.handle_job(item if packed else _loads(item))
         except JOB_ERRORS as exc:
             error = exc
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():
+                raise  # the loop is shutting down (Ctrl-C): the job is not over, not failed
+            error = exc  # the job's own (an inner task it awaited was cancelled): its failure
         finally:
             slots.release()
         self._ended(results, queue, seq, job_id, error)
+
+
+def _being_cancelled() -> bool:
+    """Whether someone cancelled the running task (rather than it raising CancelledError)."""
+    import asyncio
+
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return cancelling is None or cancelling() > 0  # 3.10 cannot tell: as before, skip it
 
 
 def _is_coroutine_function(func: Callable[..., Any]) -> bool:

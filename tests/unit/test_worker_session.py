@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import pickle
 import random
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -856,6 +857,45 @@ def test_async_executor_runs_up_to_concurrency() -> None:
     assert sorted(j for _, j, *_ in results.failed) == [0, 5, 20]
     assert results.finished == 12
     assert not results.running
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="3.10 cannot tell who cancelled")
+def test_an_async_job_that_raises_cancelled_error_fails_and_the_batch_ends() -> None:
+    async def handle(job: int) -> None:
+        if job == 1:
+            inner = asyncio.get_running_loop().create_future()
+            inner.cancel()
+            await inner  # say, a request another task gave up on
+        if job == 2:
+            raise asyncio.CancelledError("by hand")
+
+    results, _ = run_executor(AsyncExecutor(handle, 2), batch(1, 0, [0, 1, 2, 3]))
+    assert [(j, error) for _, j, error, *_ in results.failed] == [
+        (1, "CancelledError"),
+        (2, "CancelledError"),
+    ]
+    assert expand(results.ok) == [(1, 0), (1, 3)]
+    assert results.finished == 4 and not results.running
+
+
+def test_async_jobs_cancelled_by_a_stopping_loop_are_not_reported() -> None:
+    waiting = threading.Event()
+
+    async def handle(job: int) -> None:
+        if job == 0:
+            await asyncio.get_running_loop().run_in_executor(None, waiting.wait, 10)
+            raise KeyboardInterrupt  # Ctrl-C, while job 1 is still running
+        await asyncio.sleep(0)
+        waiting.set()
+        await asyncio.sleep(10)
+
+    queue = JobQueue()
+    queue.put(batch(1, 0, [0, 1]))
+    queue.close()
+    results = Results(lambda: None)
+    with pytest.raises(KeyboardInterrupt):
+        AsyncExecutor(handle, 2).run(queue, results)
+    assert results.finished == 0 and not results.ok and not results.failed
 
 
 def _give_back_while_blocked(kind: str, jobs: int, blocked: int) -> tuple[Results, list[int]]:
