@@ -56,7 +56,7 @@ class Lease:
     """Jobs sent to one worker in one message and not yet all acknowledged."""
 
     __slots__ = (
-        "seq", "worker", "chunk", "sent_at", "remaining", "suspect", "reported", "_id_set",
+        "seq", "worker", "chunk", "sent_at", "remaining", "suspect", "reported", "_sorted_ids",
     )  # fmt: skip
 
     def __init__(
@@ -69,24 +69,24 @@ class Lease:
         self.remaining = remaining
         self.suspect = suspect
         self.reported: CompletedSet | None = None
-        self._id_set: frozenset[int] | None = None
+        self._sorted_ids: list[int] | None = None
 
-    def within(self, first_id: int, count: int) -> list[int] | range:
-        """The ids of this lease among ``count`` from ``first_id``.
+    def within(self, ranges: list[tuple[int, int]]) -> list[int] | range:
+        """The ids of this lease in any of the ``[start, end)`` ranges, each once.
 
-        A report never settles jobs outside the batch it names: a worker's bug (or a
-        hostile peer with the key) would otherwise mark jobs done that nobody ran, or make
-        the loop walk a range of any size.
+        A report never settles jobs outside the batch it names, and its work is bounded by
+        the batch: a worker's bug (or a hostile peer with the key) would otherwise mark
+        jobs done that nobody ran, or make the loop walk ranges of any size.
         """
         chunk = self.chunk
-        end = first_id + count
         if chunk.ids is None:
-            return range(max(first_id, chunk.first_id), min(end, chunk.first_id + len(chunk)))
-        if self._id_set is None:
-            self._id_set = frozenset(chunk.ids)
-        if count <= len(self._id_set):
-            return [i for i in range(first_id, end) if i in self._id_set]
-        return sorted(i for i in self._id_set if first_id <= i < end)
+            if len(ranges) == 1:
+                start, end = ranges[0]
+                return range(max(start, chunk.first_id), min(end, chunk.first_id + len(chunk)))
+            return list(_ids_within(range(chunk.first_id, chunk.first_id + len(chunk)), ranges))
+        if self._sorted_ids is None:
+            self._sorted_ids = sorted(chunk.ids)
+        return list(_ids_within(self._sorted_ids, ranges))
 
     def report(self, first_id: int, count: int) -> int:
         """Note ``count`` jobs from ``first_id`` as reported; return how many were new here."""
@@ -156,6 +156,33 @@ def _ids_within(ids: Sequence[int], ranges: list[tuple[int, int]]) -> Iterator[i
         if start < end:
             yield from ids[bisect.bisect_left(ids, start) : bisect.bisect_left(ids, end)]
             reach = end
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges sorted, with overlapping and touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1]:
+            if end > out[-1][1]:
+                out[-1] = (out[-1][0], end)
+        elif start < end:
+            out.append((start, end))
+    return out
+
+
+def _runs(ids: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """Ascending ``ids`` as (first id, count) runs of consecutive ones."""
+    start = previous = 0
+    empty = True
+    for job_id in ids:
+        if empty:
+            start, empty = job_id, False
+        elif job_id != previous + 1:
+            yield start, previous - start + 1
+            start = job_id
+        previous = job_id
+    if not empty:
+        yield start, previous - start + 1
 
 
 class Master:
@@ -379,31 +406,39 @@ class Master:
         leases = self.leases
         newly_total = 0
         acked_total = 0
-        named: dict[int, Lease] = {}  # a lease settled by this message still bounds its entries
+        # Entries are grouped by lease, each lease walked once a message (however many
+        # entries name it), and cut to its jobs; see Lease.within.
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        late: list[tuple[int, int]] = []
         for seq, first_id, count in ack.acks:
-            lease = leases.get(seq) or named.get(seq)
-            if lease is None:
+            if seq in leases:
+                ranges.setdefault(seq, []).append((first_id, first_id + count))
+            else:
                 # Settled or requeued meanwhile (say, the worker was presumed lost and came
-                # back): the jobs it ran still count, once.
-                acked_total += count
-                newly_total += self._resolve_range(first_id, count)
-                continue
-            named[seq] = lease
-            ids = lease.within(first_id, count)
+                # back, or the master restarted): the jobs it ran still count, once. No
+                # batch is larger than MAX_BATCH, so no report names more.
+                late.append((first_id, first_id + min(count, MAX_BATCH)))
+        for seq, named in ranges.items():
+            held = leases[seq]
+            ids = held.within(named)
             acked_total += len(ids)
             if isinstance(ids, range):
-                newly_total += self._resolve_range(ids.start, len(ids))
+                newly_total += self._resolve_run(ids.start, len(ids))
             else:
-                newly_total += self._resolve_ids(ids, lease)
-            if worker is not None and lease.worker == worker.identity and ids:
+                newly_total += self._resolve_ids(ids)
+            if worker is not None and held.worker == worker.identity and ids:
                 # Count what the lease had not heard of yet: a repeated report must not
                 # release the lease's other jobs.
                 if isinstance(ids, range):
-                    reported = lease.report(ids.start, len(ids))
+                    reported = held.report(ids.start, len(ids))
                 else:
-                    reported = sum(lease.report(job_id, 1) for job_id in ids)
+                    reported = sum(held.report(start, n) for start, n in _runs(ids))
                 if reported:
-                    self._lease_progress(lease, worker, reported)
+                    self._lease_progress(held, worker, reported)
+        if late:
+            acked, newly = self._resolve_late(late)
+            acked_total += acked
+            newly_total += newly
         for seq, job_id, error, message, traceback in ack.failures:
             lease = self._lease_holding(worker, seq, job_id)
             self._handle_failure(worker, lease, job_id, error, message, traceback, now)
@@ -419,11 +454,12 @@ class Master:
                 worker.end_window = ack.end_window
 
     def handle_give_back(self, worker: WorkerState, message: protocol.GiveBack) -> None:
-        """Requeue the jobs a worker returns unstarted (its slots are all held by long jobs)
-        ahead of new ones, for the other workers.
+        """Requeue the jobs a worker returns unstarted (long jobs hold its slots, and the
+        free ones would not get through them soon) ahead of new ones, for the other workers.
 
         The worker's unused credit goes too (it voids the same on its side): anything more
-        would queue behind the same long jobs. It grants credit again once one of them ends.
+        would queue behind the same long jobs. It grants credit again, for its free slots,
+        once one of its jobs ends.
         """
         worker.credit -= message.voided  # below 0 by the jobs on their way: see the worker
         runs: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
@@ -503,25 +539,37 @@ class Master:
                 return lease
         return None
 
-    def _resolve_range(self, first_id: int, count: int) -> int:
+    def _resolve_run(self, first_id: int, count: int) -> int:
+        """Count jobs ``first_id`` … ``first_id + count - 1`` resolved; return how many were new."""
         if self.retrying is not None:
-            end = first_id + count
-            if count > len(self.retrying):  # walk the smaller of the two
-                return self._resolve_ids([i for i in self.retrying if first_id <= i < end], None)
-            return self._resolve_ids(range(first_id, end), None)
+            return self._resolve_ids(range(first_id, first_id + count))
         return self.completed.add(first_id, count)
 
-    def _resolve_ids(self, ids: Iterable[int], lease: Lease | None) -> int:
+    def _resolve_ids(self, ids: Sequence[int]) -> int:
+        """Count ``ids`` (ascending) resolved; return how many were new."""
+        if self.retrying is None:
+            return sum(self.completed.add(start, n) for start, n in _runs(ids))
         newly = 0
         for job_id in ids:
-            if self.retrying is not None:
-                if self.retrying.pop(job_id, None) is not None:
-                    self.ledger.clear_failure(job_id)
-                    self.state.failed -= 1
-                    newly += 1
-            else:
-                newly += self.completed.add(job_id, 1)
+            if self.retrying.pop(job_id, None) is not None:
+                self.ledger.clear_failure(job_id)
+                self.state.failed -= 1
+                newly += 1
         return newly
+
+    def _resolve_late(self, late: list[tuple[int, int]]) -> tuple[int, int]:
+        """Reports for leases no longer held: (jobs reported, jobs newly resolved)."""
+        if self.retrying is None:
+            newly = sum(self.completed.add(start, end - start) for start, end in late)
+            return sum(end - start for start, end in late), newly
+        # A retry run resolves only the jobs it retries: walk the smaller of the two.
+        merged = _merged(late)
+        reported = sum(end - start for start, end in merged)
+        if reported > len(self.retrying):
+            ids: Iterable[int] = _ids_within(sorted(self.retrying), merged)
+        else:
+            ids = (i for start, end in merged for i in range(start, end))
+        return reported, self._resolve_ids(list(ids))
 
     # -- failures ------------------------------------------------------------------------
 

@@ -59,9 +59,10 @@ PREFETCH_S = 0.2
 # The prefetch that just covers a round trip: what a worker needs held at the end of a run.
 ROUND_TRIP_S = 0.03
 HELLO_RETRY_S = 1.0
-# When every slot has been running its job for this long (and this many times the measured
-# job time), the jobs queued behind them go back to the master for other workers: one job
-# that hangs must not hold a window of thousands of fast ones while the others idle.
+# A slot whose job has run this long (and this many times the measured job time) is stuck:
+# it gets no prefetch, and the jobs queued behind the stuck slots go back to the master for
+# other workers when the free slots would not get through them soon (all of them when every
+# slot is stuck): one job that hangs must not hold thousands of fast ones while others idle.
 GIVE_BACK_AFTER_S = 1.0
 GIVE_BACK_FACTOR = 20.0
 # Well under the master's frame limit (protocol.MAX_WORKER_FRAME_BYTES).
@@ -132,8 +133,8 @@ class Session(threading.Thread):
         self.stop_requested = False
         self._last_give_back = -math.inf
         self._stuck_at_finished = -1  # results.finished when we last gave jobs back
-        # Jobs found running far longer than the others at the last heartbeat.
-        self._stuck_ids: frozenset[int] = frozenset()
+        # Jobs found running far longer than the others at the last heartbeat: id → start.
+        self._stuck: dict[int, float] = {}
         # (identity, job id, seq) of the worker this process replaces, which died running
         # that job: said in HELLO so the master charges exactly that job.
         self.predecessor_died: tuple[int, int, int] | None = None
@@ -162,12 +163,28 @@ class Session(threading.Thread):
             window = min(window, max(fits, self.slots))
         return window
 
+    def _note_stuck(self, now: float, running: dict[int, tuple[float, int]]) -> None:
+        """Find the slots held by a job far longer than jobs take (none before one ended)."""
+        if self.job_time_s <= 0:
+            self._stuck = {}
+            return
+        long_after = max(GIVE_BACK_AFTER_S, GIVE_BACK_FACTOR * self.job_time_s)
+        self._stuck = {i: t for i, (t, _) in running.items() if now - t >= long_after}
+
     def _stuck_slots(self) -> int:
-        """How many of the jobs found stuck at the last heartbeat still run."""
-        if not self._stuck_ids:
+        """How many of the jobs found stuck at the last heartbeat still run (the same runs:
+        a job that ended and came back is not stuck)."""
+        if not self._stuck:
             return 0
-        running, current = self.results.running, self.results.current_id
-        return sum(1 for job_id in self._stuck_ids if job_id == current or job_id in running)
+        results = self.results
+        running, current = results.running, results.current_id
+        stuck = 0
+        for job_id, started in self._stuck.items():
+            if job_id == current:
+                stuck += started == self._seen_since
+            elif job_id in running:
+                stuck += running[job_id][0] == started
+        return stuck
 
     def _finished(self) -> int:
         return self.results.finished + self.dropped
@@ -373,10 +390,11 @@ class Session(threading.Thread):
                 self.transport.send(
                     protocol.heartbeat(job_id, now - started, self.results.finished)
                 )
+                self._note_stuck(now, running)
                 if self.welcomed:
                     self._give_back_if_stuck(now, running)
             else:
-                self._stuck_ids = frozenset()
+                self._stuck = {}
                 self.transport.send(protocol.heartbeat(-1, 0.0, self.results.finished))
         if self.welcomed:
             if now - self._last_from_master > self.liveness_s:
@@ -397,11 +415,7 @@ class Session(threading.Thread):
         """Send the master the jobs queued here if the slots not held by long jobs would
         take more than ``GIVE_BACK_AFTER_S`` to get through them (all of them, when every
         slot is held)."""
-        if self.job_time_s <= 0:
-            return  # the first jobs: nothing to compare with, and a window of two a slot
-        long_after = max(GIVE_BACK_AFTER_S, GIVE_BACK_FACTOR * self.job_time_s)
-        self._stuck_ids = frozenset(i for i, (t, _) in running.items() if now - t >= long_after)
-        stuck = len(self._stuck_ids)
+        stuck = len(self._stuck)  # as _note_stuck found them just now
         if not stuck or now - self._last_give_back < GIVE_BACK_AFTER_S:
             return
         waiting = self.received - self._finished() - len(running)
@@ -436,7 +450,7 @@ class Session(threading.Thread):
             count,
             stuck,
             self.slots,
-            long_after,
+            max(GIVE_BACK_AFTER_S, GIVE_BACK_FACTOR * self.job_time_s),
         )
         self.transport.send(protocol.give_back(returned, voided))
 

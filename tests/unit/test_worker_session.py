@@ -576,6 +576,8 @@ def test_slots_held_by_long_jobs_prefetch_nothing_and_their_backlog_goes_back() 
     session.results.running.pop(3)  # job 3 ends: the free thread's window is its own
     session.results.finished = 1
     assert session.window() == 4 + int(PREFETCH_S * 1 / 0.01)
+    session.results.running[0] = (session.clock(), 7)  # job 0 ended and runs again: not stuck
+    assert session.window() == 4 + int(PREFETCH_S * 2 / 0.01)
     for job_id in (0, 1, 2):
         session.results.running.pop(job_id)  # the long jobs end too: all four prefetch again
     assert session.window() == 4 + int(PREFETCH_S * 4 / 0.01)
