@@ -33,7 +33,6 @@ RECORD = os.environ["TM_TEST_RECORD"]
 SLEEP = float(os.environ.get("TM_TEST_SLEEP", "0"))
 GATE_JOB = int(os.environ.get("TM_TEST_GATE_JOB", "-1"))
 GATE = os.environ.get("TM_TEST_GATE", "")
-GATE_BELOW = int(os.environ.get("TM_TEST_GATE_BELOW", "0"))
 
 def get_jobs(n="1000", last=None):
     start = last if last is not None else 0
@@ -41,10 +40,7 @@ def get_jobs(n="1000", last=None):
         yield i
 
 def handle_job(job):
-    if job < GATE_BELOW:
-        while not Path(GATE).exists():
-            time.sleep(0.01)
-    elif job == GATE_JOB:
+    if job == GATE_JOB:
         # Block until the test opens the gate (only the first run waits).
         started = Path(GATE + ".started")
         if not started.exists():
@@ -323,13 +319,43 @@ def test_a_long_job_does_not_hold_back_the_jobs_queued_behind_it(
     assert "gave back" in log.read_text()
 
 
+# The first worker process to run a job is chosen: its first 19 jobs hang until the gate
+# opens, whichever jobs the master sent it. The others take 10 ms.
+HANGING_TASKS = TASKS.replace(
+    "def handle_job(job):\n",
+    """import threading
+_lock = threading.Lock()
+_hangs = None
+
+def _hang_here():
+    global _hangs
+    with _lock:
+        if _hangs is None:
+            try:
+                os.close(os.open(GATE + ".chosen", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                _hangs = 19
+            except FileExistsError:
+                _hangs = 0
+        _hangs -= 1
+        return _hangs >= 0
+
+def handle_job(job):
+    if _hang_here():
+        while not Path(GATE).exists():
+            time.sleep(0.01)
+""",
+)
+
+
 def test_threads_held_by_long_jobs_give_back_the_jobs_the_free_ones_cannot_run_soon(
-    procs: Processes, tasks: dict[str, str], tmp_path: Path, logs
+    procs: Processes, write_tasks, tmp_path: Path, logs
 ) -> None:
-    # Jobs 0-18 hang in 19 of the first worker's 20 threads. Its 20th thread alone would
-    # need seconds for the window of 10 ms jobs its worker held: they go back to the other.
+    # 19 of one worker's 20 threads hang. Its 20th thread alone would need seconds for the
+    # window of 10 ms jobs that worker held: they go back, for the other worker.
+    write_tasks(HANGING_TASKS)
     gate = tmp_path / "gate"
-    env = {**tasks, "TM_TEST_GATE_BELOW": "19", "TM_TEST_GATE": str(gate), "TM_TEST_SLEEP": "0.01"}
+    env = {"TM_TEST_RECORD": str(tmp_path / "record.txt"), "TM_TEST_GATE": str(gate)}
+    env["TM_TEST_SLEEP"] = "0.01"
     state = tmp_path / "state.db"
     args = ("tm-run", "tasks.py", "2", "n=6000", "--threads", "20", "--state", str(state))
     options = ("--no-progress", "--log-level", "info")
