@@ -10,7 +10,6 @@ fake transport and a fake clock.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import heapq
 import logging
@@ -18,14 +17,15 @@ import pickle
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import protocol
 from .feeder import OVERSHOOT_MIN, Chunk, Feeder, safe_repr
+from .leases import Lease, WorkerState, chunk_of, ids_within, merged, runs
 from .options import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MasterConfig
 from .progress import NullReporter, Reporter, Snapshot, StalledJob, Summary, WorkerRow
-from .state import Checkpoint, CompletedSet, FreshLedger
+from .state import Checkpoint, FreshLedger
 
 if TYPE_CHECKING:
     from .ledger import Ledger
@@ -50,139 +50,6 @@ class Transport(Protocol):
     def receive(self) -> Iterable[tuple[bytes, bytes]]: ...
     def send(self, identity: bytes, frame: bytes) -> bool: ...
     def wake(self) -> None: ...
-
-
-class Lease:
-    """Jobs sent to one worker in one message and not yet all acknowledged."""
-
-    __slots__ = (
-        "seq", "worker", "chunk", "sent_at", "remaining", "suspect", "reported", "_sorted_ids",
-    )  # fmt: skip
-
-    def __init__(
-        self, seq: int, worker: bytes, chunk: Chunk, sent_at: float, remaining: int, suspect: bool
-    ) -> None:
-        self.seq = seq
-        self.worker = worker
-        self.chunk = chunk
-        self.sent_at = sent_at
-        self.remaining = remaining
-        self.suspect = suspect
-        self.reported: CompletedSet | None = None
-        self._sorted_ids: list[int] | None = None
-
-    def within(self, ranges: list[tuple[int, int]]) -> list[int] | range:
-        """The ids of this lease in any of the ``[start, end)`` ranges, each once.
-
-        A report never settles jobs outside the batch it names, and its work is bounded by
-        the batch: a worker's bug (or a hostile peer with the key) would otherwise mark
-        jobs done that nobody ran, or make the loop walk ranges of any size.
-        """
-        chunk = self.chunk
-        if chunk.ids is None:
-            if len(ranges) == 1:
-                start, end = ranges[0]
-                return range(max(start, chunk.first_id), min(end, chunk.first_id + len(chunk)))
-            return list(_ids_within(range(chunk.first_id, chunk.first_id + len(chunk)), ranges))
-        if self._sorted_ids is None:
-            self._sorted_ids = sorted(chunk.ids)
-        return list(_ids_within(self._sorted_ids, ranges))
-
-    def report(self, first_id: int, count: int) -> int:
-        """Note ``count`` jobs from ``first_id`` as reported; return how many were new here."""
-        if self.reported is None:
-            self.reported = CompletedSet(-1)
-        return self.reported.add(first_id, count)
-
-    def payload_of(self, job_id: int) -> bytes | None:
-        chunk = self.chunk
-        if chunk.ids is None:
-            offset = job_id - chunk.first_id
-            return chunk.pickles()[offset] if 0 <= offset < len(chunk) else None
-        try:
-            return chunk.pickles()[chunk.ids.index(job_id)]
-        except ValueError:
-            return None
-
-
-class WorkerState:
-    """What the master knows of one connected worker."""
-
-    __slots__ = (
-        "identity", "host", "pid", "slots", "credit", "last_seen", "leases", "done",
-        "running_job", "running_s", "running_seen", "rate_mark", "rate", "end_window",
-    )  # fmt: skip
-
-    def __init__(
-        self, identity: bytes, host: str, pid: int, slots: int, credit: int, last_seen: float
-    ) -> None:
-        self.identity = identity
-        self.host = host
-        self.pid = pid
-        self.slots = slots
-        self.credit = credit
-        self.last_seen = last_seen
-        self.leases: set[int] = set()
-        self.done = 0
-        self.running_job = -1
-        self.running_s = 0.0
-        self.running_seen = 0.0
-        self.rate_mark = (0.0, 0)
-        self.rate = 0.0
-        # What it needs held at the end of a run (see Master._share); until its first ACK
-        # says, what it first asked for.
-        self.end_window = max(slots, credit)
-
-    @property
-    def name(self) -> str:
-        return f"{self.host}:{self.pid}"
-
-
-def _chunk_of(jobs: list[tuple[int, bytes]], *, consecutive: bool = False) -> Chunk:
-    """A chunk of (id, pickle) pairs; with ``consecutive``, ids that follow each other make
-    one by its first id (acked by ranges) rather than by an explicit list."""
-    ids = [job_id for job_id, _ in jobs]
-    payloads = [payload for _, payload in jobs]
-    if consecutive and ids[-1] - ids[0] + 1 == len(ids) and ids == sorted(ids):
-        return Chunk(ids[0], payloads)
-    return Chunk(ids[0], payloads, ids)
-
-
-def _ids_within(ids: Sequence[int], ranges: list[tuple[int, int]]) -> Iterator[int]:
-    """The ids (sorted) that fall in any of the ``[start, end)`` ranges."""
-    reach = -1
-    for start, end in sorted(ranges):
-        start = max(start, reach)  # overlaps are walked once
-        if start < end:
-            yield from ids[bisect.bisect_left(ids, start) : bisect.bisect_left(ids, end)]
-            reach = end
-
-
-def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``[start, end)`` ranges sorted, with overlapping and touching ones joined."""
-    out: list[tuple[int, int]] = []
-    for start, end in sorted(ranges):
-        if out and start <= out[-1][1]:
-            if end > out[-1][1]:
-                out[-1] = (out[-1][0], end)
-        elif start < end:
-            out.append((start, end))
-    return out
-
-
-def _runs(ids: Iterable[int]) -> Iterator[tuple[int, int]]:
-    """Ascending ``ids`` as (first id, count) runs of consecutive ones."""
-    start = previous = 0
-    empty = True
-    for job_id in ids:
-        if empty:
-            start, empty = job_id, False
-        elif job_id != previous + 1:
-            yield start, previous - start + 1
-            start = job_id
-        previous = job_id
-    if not empty:
-        yield start, previous - start + 1
 
 
 class Master:
@@ -432,7 +299,7 @@ class Master:
                 if isinstance(ids, range):
                     reported = held.report(ids.start, len(ids))
                 else:
-                    reported = sum(held.report(start, n) for start, n in _runs(ids))
+                    reported = sum(held.report(start, n) for start, n in runs(ids))
                 if reported:
                     self._lease_progress(held, worker, reported)
         if late:
@@ -462,19 +329,19 @@ class Master:
         once one of its jobs ends.
         """
         worker.credit -= message.voided  # below 0 by the jobs on their way: see the worker
-        runs: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+        by_seq: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
         for seq, first_id, count in message.returned:
-            runs[seq].append((first_id, first_id + count))
+            by_seq[seq].append((first_id, first_id + count))
         returned = requeued = 0
         chunks: list[tuple[Chunk, bool]] = []
-        for seq, ranges in runs.items():
+        for seq, ranges in by_seq.items():
             lease = self.leases.get(seq)
             if lease is None or lease.worker != worker.identity:
                 continue  # settled meanwhile, or requeued when the worker was presumed lost
             chunk = lease.chunk
             # One pass over the lease, whatever the message claims: its work is bounded by
             # what the worker holds, not by the frame.
-            wanted = set(_ids_within(sorted(chunk.id_list()), ranges))
+            wanted = set(ids_within(sorted(chunk.id_list()), ranges))
             if not wanted:
                 continue
             newly = 0
@@ -489,7 +356,7 @@ class Master:
             if back:
                 requeued += len(back)
                 # A suspect group stays one: it may hold the job that killed a worker.
-                chunks.append((_chunk_of(sorted(back), consecutive=True), lease.suspect))
+                chunks.append((chunk_of(sorted(back), consecutive=True), lease.suspect))
         # Lowest ids first, ahead of what was waiting: the resume point moves on soonest.
         for chunk, suspect in sorted(chunks, key=lambda c: c[0].lowest()[0], reverse=True):
             (self.suspects if suspect else self.requeue).appendleft(chunk)
@@ -548,7 +415,7 @@ class Master:
     def _resolve_ids(self, ids: Sequence[int]) -> int:
         """Count ``ids`` (ascending) resolved; return how many were new."""
         if self.retrying is None:
-            return sum(self.completed.add(start, n) for start, n in _runs(ids))
+            return sum(self.completed.add(start, n) for start, n in runs(ids))
         newly = 0
         for job_id in ids:
             if self.retrying.pop(job_id, None) is not None:
@@ -563,12 +430,12 @@ class Master:
             newly = sum(self.completed.add(start, end - start) for start, end in late)
             return sum(end - start for start, end in late), newly
         # A retry run resolves only the jobs it retries: walk the smaller of the two.
-        merged = _merged(late)
-        reported = sum(end - start for start, end in merged)
+        spans = merged(late)
+        reported = sum(end - start for start, end in spans)
         if reported > len(self.retrying):
-            ids: Iterable[int] = _ids_within(sorted(self.retrying), merged)
+            ids: Iterable[int] = ids_within(sorted(self.retrying), spans)
         else:
-            ids = (i for start, end in merged for i in range(start, end))
+            ids = (i for start, end in spans for i in range(start, end))
         return reported, self._resolve_ids(list(ids))
 
     # -- failures ------------------------------------------------------------------------
@@ -839,7 +706,7 @@ class Master:
         self.attempts[job_id] = attempts
         if attempts < self.config.max_attempts:
             if payload is not None:
-                self.suspects.append(_chunk_of([(job_id, payload)]))
+                self.suspects.append(chunk_of([(job_id, payload)]))
             return
         if payload is None:
             payload = self._take_back(job_id)
@@ -924,20 +791,20 @@ class Master:
             for job_id, payload in guilty:
                 self._blame(job_id, payload, worker.name)
             if innocent:
-                self.requeue.appendleft(_chunk_of(innocent))
+                self.requeue.appendleft(chunk_of(innocent))
         elif not lost:
-            self.requeue.appendleft(_chunk_of(pending))
+            self.requeue.appendleft(chunk_of(pending))
         elif len(pending) == 1 and lease.suspect and self._alive_at(worker, lease.sent_at):
             job_id, payload = pending[0]
             self._remember_charge(worker.identity, job_id)
             self._blame(job_id, payload, worker.name)
         elif len(pending) <= SUSPECT_SINGLES or lease.suspect and len(pending) <= 2:
-            self.suspects.extend(_chunk_of([job]) for job in pending)
+            self.suspects.extend(chunk_of([job]) for job in pending)
         elif lease.suspect:
             half = len(pending) // 2
-            self.suspects.extend((_chunk_of(pending[:half]), _chunk_of(pending[half:])))
+            self.suspects.extend((chunk_of(pending[:half]), chunk_of(pending[half:])))
         else:
-            self.suspects.append(_chunk_of(pending))
+            self.suspects.append(chunk_of(pending))
         return len(pending)
 
     def _alive_at(self, worker: WorkerState, when: float) -> bool:

@@ -20,6 +20,7 @@ import pytest
 from taskmaster import master as master_module
 from taskmaster import protocol
 from taskmaster.feeder import Feeder
+from taskmaster.leases import chunk_of
 from taskmaster.ledger import Ledger, LedgerView
 from taskmaster.master import (
     EXIT_FAILED,
@@ -31,7 +32,6 @@ from taskmaster.master import (
     SUSPECT_SINGLES,
     Master,
     MasterConfig,
-    _chunk_of,
 )
 from tests.conftest import FakeClock, wait_until
 
@@ -470,7 +470,7 @@ def test_an_ack_for_a_batch_of_scattered_ids_settles_only_those(
     w2.hello(credit=0)
     h.step()
     h.master.suspects.clear()
-    h.master.requeue.append(_chunk_of([(i, pickle.dumps(i)) for i in scattered]))
+    h.master.requeue.append(chunk_of([(i, pickle.dumps(i)) for i in scattered]))
     w2.ack(credit=len(scattered))
     h.step()
     lease = w2.one_batch()
@@ -508,7 +508,7 @@ def test_entries_naming_one_lease_many_times_walk_it_once(make: Callable[..., Ha
     w.hello(credit=0)
     h.step()
     scattered = list(range(0, 3 * MAX_BATCH, 3))
-    h.master.requeue.append(_chunk_of([(i, pickle.dumps(i)) for i in scattered]))
+    h.master.requeue.append(chunk_of([(i, pickle.dumps(i)) for i in scattered]))
     w.ack(credit=MAX_BATCH)
     h.step()
     lease = w.one_batch()
@@ -919,7 +919,7 @@ def test_a_give_back_of_scattered_ids_takes_exactly_those(make: Callable[..., Ha
     w2.hello(credit=0)
     h.step()
     h.master.suspects.clear()
-    h.master.requeue.append(_chunk_of([(i, pickle.dumps(i)) for i in scattered]))
+    h.master.requeue.append(chunk_of([(i, pickle.dumps(i)) for i in scattered]))
     w2.ack(credit=len(scattered))
     h.step()
     lease = w2.one_batch()
@@ -1142,7 +1142,7 @@ def test_sharing_the_end_counts_once_per_worker_not_per_chunk(
     # Retries near the end leave many one-job chunks to send: each must not cost a pass over
     # everything left (that once held one step for seconds, past the workers' liveness).
     h = make([])
-    h.master.requeue.extend(_chunk_of([(i, pickle.dumps(i))]) for i in range(5_000))
+    h.master.requeue.extend(chunk_of([(i, pickle.dumps(i))]) for i in range(5_000))
     counted: list[int] = []
     held = h.master._held
     monkeypatch.setattr(h.master, "_held", lambda worker: counted.append(1) or held(worker))
