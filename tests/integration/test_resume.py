@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from taskmaster.errors import LedgerError
-from taskmaster.executor import CLAIM_BLOCKS, CLOCK_EVERY
 from taskmaster.ledger import CompletedSet, LedgerView
 from tests.conftest import Processes, read_record, wait_until
 
@@ -301,22 +300,23 @@ def test_out_of_order_completion_is_resumed_without_rerunning_the_rest(
 def test_a_long_job_does_not_hold_back_the_jobs_queued_behind_it(
     procs: Processes, tasks: dict[str, str], tmp_path: Path, logs
 ) -> None:
-    # When job 2000 blocks, its worker holds a window of thousands of fast jobs: it gives
-    # them back for the other worker rather than keep them waiting behind the blocked one.
+    # When job 1000 blocks, its worker holds a window of 1 ms jobs behind it (0.2 s of
+    # them, in batches that start before it): it gives them back for the other worker
+    # rather than keep them waiting behind the blocked one.
     gate = tmp_path / "gate"
-    env = {**tasks, "TM_TEST_GATE_JOB": "2000", "TM_TEST_GATE": str(gate)}
+    env = {**tasks, "TM_TEST_GATE_JOB": "1000", "TM_TEST_GATE": str(gate)}
+    env["TM_TEST_SLEEP"] = "0.001"
     state = tmp_path / "state.db"
-    args = ("tm-run", "tasks.py", "2", "n=20000", "--state", str(state), "--no-progress")
+    args = ("tm-run", "tasks.py", "2", "n=4000", "--state", str(state), "--no-progress")
     log = tmp_path / "run.log"
     proc = procs.start(*args, "--log-level", "info", env=env, stderr=logs(log.name))
-    # All but the blocked job and the few fast ones its worker had claimed past it.
-    others = 20000 - CLAIM_BLOCKS * CLOCK_EVERY
-    wait_until(lambda: len(_record(tmp_path)) >= others or proc.poll() is not None, 30)
+    # All but the blocked job: slow jobs are claimed one at a time.
+    wait_until(lambda: len(_record(tmp_path)) >= 4000 - 1 or proc.poll() is not None, 30)
     assert proc.poll() is None, "the blocked job holds the run open"
+    assert "gave back" in log.read_text()
     gate.write_text("open")
     assert proc.wait(timeout=30) == 0, log.read_text()
-    assert sorted(_record(tmp_path)) == list(range(20000)), "each job ran once"
-    assert "gave back" in log.read_text()
+    assert sorted(_record(tmp_path)) == list(range(4000)), "each job ran once"
 
 
 # The first worker process to run a job is chosen: its first 19 jobs hang until the gate
