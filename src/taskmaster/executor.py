@@ -553,11 +553,31 @@ class AsyncExecutor(_Concurrent):
     def __init__(self, handle_job: Callable[[Any], Any], concurrency: int) -> None:
         super().__init__(concurrency)
         self.handle_job = handle_job
+        self._closing = False  # the loop is being shut down: cancelled jobs are not failures
 
     def run(self, queue: JobQueue, results: Results) -> None:
+        """What ``asyncio.run`` does, except that the jobs are told the loop is closing before
+        they are cancelled: a job's own ``CancelledError`` (another task cancelled it, or a
+        future it awaited) is its failure; the loop's cancelling it on Ctrl-C is not."""
         import asyncio
 
-        asyncio.run(self._main(queue, results))
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._main(queue, results))
+        finally:
+            self._closing = True
+            try:
+                left = asyncio.all_tasks(loop)
+                for task in left:
+                    task.cancel()
+                if left:
+                    loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
 
     async def _main(self, queue: JobQueue, results: Results) -> None:
         import asyncio
@@ -608,21 +628,12 @@ class AsyncExecutor(_Concurrent):
         except JOB_ERRORS as exc:
             error = exc
         except asyncio.CancelledError as exc:
-            if _being_cancelled():
+            if self._closing:
                 raise  # the loop is shutting down (Ctrl-C): the job is not over, not failed
-            error = exc  # the job's own (an inner task it awaited was cancelled): its failure
+            error = exc  # the job's own (it, or a future it awaited, was cancelled): its failure
         finally:
             slots.release()
         self._ended(results, queue, seq, job_id, error)
-
-
-def _being_cancelled() -> bool:
-    """Whether someone cancelled the running task (rather than it raising CancelledError)."""
-    import asyncio
-
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
-    return cancelling is None or cancelling() > 0  # 3.10 cannot tell: as before, skip it
 
 
 def _is_coroutine_function(func: Callable[..., Any]) -> bool:

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 # Credit one JOBS message uses at most (it may carry up to twice that: see Feeder.take).
 MAX_BATCH = 8192
+# The most jobs one lease (one JOBS message) holds, so the most one report can name.
+MAX_LEASE_JOBS = 2 * MAX_BATCH
 REPORT_INTERVAL_S = 0.25
 STALL_MIN_S = 3.0
 STALL_FACTOR = 10.0
@@ -283,8 +285,8 @@ class Master:
             else:
                 # Settled or requeued meanwhile (say, the worker was presumed lost and came
                 # back, or the master restarted): the jobs it ran still count, once. No
-                # batch is larger than MAX_BATCH, so no report names more.
-                late.append((first_id, first_id + min(count, MAX_BATCH)))
+                # lease holds more than MAX_LEASE_JOBS, so no report names more.
+                late.append((first_id, first_id + min(count, MAX_LEASE_JOBS)))
         for seq, named in ranges.items():
             held = leases[seq]
             ids = held.within(named)
@@ -625,6 +627,7 @@ class Master:
         return sum(lease.remaining for seq in worker.leases if (lease := leases.get(seq)))
 
     def _send_chunk(self, worker: WorkerState, chunk: Chunk, now: float, suspect: bool) -> None:
+        assert len(chunk) <= MAX_LEASE_JOBS, "a report could not name all of this lease"
         self._seq += 1
         seq = self._seq
         ids: int | list[int] = chunk.ids if chunk.ids is not None else chunk.first_id

@@ -182,8 +182,9 @@ class Session(threading.Thread):
         for job_id, started in self._stuck.items():
             if job_id == current:
                 stuck += started == self._seen_since
-            elif job_id in running:
-                stuck += running[job_id][0] == started
+            else:
+                entry = running.get(job_id)  # read once: an executor thread may remove it
+                stuck += entry is not None and entry[0] == started
         return stuck
 
     def _finished(self) -> int:

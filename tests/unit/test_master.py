@@ -27,6 +27,7 @@ from taskmaster.master import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     MAX_BATCH,
+    MAX_LEASE_JOBS,
     PROBE_WINDOW_S,
     REPORT_INTERVAL_S,
     SUSPECT_SINGLES,
@@ -530,9 +531,22 @@ def test_late_acks_in_a_big_retry_run_walk_the_retried_jobs_once(
     w = h.joined(credit=0)
     w.ack(acks=[(10**9 + k, 0, protocol.MAX_CREDIT) for k in range(2_000)])
     h.step()
-    # Leases it never had: believed (jobs ran), but no more than a batch each.
-    assert h.master.state.done == MAX_BATCH // 2
-    assert h.master.state.failed == len(retried) - MAX_BATCH // 2
+    # Leases it never had: believed (jobs ran), but no more than a lease holds each.
+    assert h.master.state.done == MAX_LEASE_JOBS // 2
+    assert h.master.state.failed == len(retried) - MAX_LEASE_JOBS // 2
+
+
+def test_a_report_of_a_whole_big_lease_from_before_a_restart_counts_whole(
+    make: Callable[..., Harness],
+) -> None:
+    # A worker ran a lease of MAX_LEASE_JOBS jobs while its master was down; the new master
+    # never sent it (another seq space) but must count all of it, or it runs again.
+    h = make(range(MAX_LEASE_JOBS + 10))
+    w = h.joined(credit=0)
+    w.ack(acks=[(12345, 0, MAX_LEASE_JOBS)])
+    h.step()
+    assert h.master.state.done == MAX_LEASE_JOBS
+    assert h.master.completed.watermark == MAX_LEASE_JOBS
 
 
 def test_ack_credit_is_added_to_the_worker(make: Callable[..., Harness]) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import pickle
 import random
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -861,7 +860,6 @@ def test_async_executor_runs_up_to_concurrency() -> None:
     assert not results.running
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="3.10 cannot tell who cancelled")
 def test_an_async_job_that_raises_cancelled_error_fails_and_the_batch_ends() -> None:
     async def handle(job: int) -> None:
         if job == 1:
@@ -878,6 +876,25 @@ def test_an_async_job_that_raises_cancelled_error_fails_and_the_batch_ends() -> 
     ]
     assert expand(results.ok) == [(1, 0), (1, 3)]
     assert results.finished == 4 and not results.running
+
+
+def test_an_async_job_cancelled_by_another_job_fails_and_the_batch_ends() -> None:
+    tasks: dict[int, asyncio.Task[Any]] = {}
+    started = asyncio.Event()
+
+    async def handle(job: int) -> None:
+        if job == 0:
+            tasks[0] = asyncio.current_task()  # type: ignore[assignment]
+            started.set()
+            await asyncio.sleep(10)
+        elif job == 1:
+            await started.wait()
+            tasks[0].cancel()  # say, a job that gives up on a request another one made
+
+    results, _ = run_executor(AsyncExecutor(handle, 2), batch(1, 0, [0, 1, 2]))
+    assert [(j, error) for _, j, error, *_ in results.failed] == [(0, "CancelledError")]
+    assert expand(results.ok) == [(1, 1), (1, 2)]
+    assert results.finished == 3 and not results.running
 
 
 def test_async_jobs_cancelled_by_a_stopping_loop_are_not_reported() -> None:
