@@ -12,16 +12,18 @@ import logging
 import pickle
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import ProtocolError, TaskmasterError
 from .feeder import Feeder, safe_repr
 from .launch import master_endpoint
 from .master import Master
 from .options import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MasterOptions, Outcome
 from .progress import Reporter, Summary, make_reporter
-from .protocol import PROTOCOL_VERSION
+from .protocol import END_FRAME, PROTOCOL_VERSION, Hello, decode_from_worker
 from .state import CompletedSet, FreshLedger
 from .targets import accepts_last
 from .transport import MasterTransport
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STATE_DIR = Path(".taskmaster")
+# How long a master whose run is already complete answers the workers waiting for it.
+END_WAITING_S = 1.2
 
 
 def default_state_path(label: str, kwargs: dict[str, str]) -> Path:
@@ -175,7 +179,10 @@ def serve_master(
             ledger = Ledger.open(state_path, identity, reset=options.reset)
         try:
             if ledger.checkpoint_row.exhausted and not options.retry_failed:
-                return _already_complete(ledger, reporter, options)
+                outcome = _already_complete(ledger, reporter, options)
+                if endpoint is not None:
+                    _end_waiting_workers(endpoint)
+                return outcome
             if transport is None:
                 assert endpoint is not None
                 transport = MasterTransport(*endpoint)
@@ -207,6 +214,33 @@ def _close_in_background(transport: MasterTransport | None) -> threading.Thread 
     closer = threading.Thread(target=close, name="taskmaster-close", daemon=True)
     closer.start()
     return closer
+
+
+def _end_waiting_workers(endpoint: tuple[str, Any]) -> None:
+    """Tell workers already waiting for this master (``tm-spawn`` started first) that the
+    run is over, rather than leave them to give up after ``--wait``.
+
+    A waiting worker retries its connection at least once a second, so that long is enough
+    to hear from each; workers started later wait in vain, as for any master that is gone.
+    """
+    try:
+        transport = MasterTransport(*endpoint)
+    except TaskmasterError as exc:  # say, the port is taken: nothing to tell anyone
+        logger.debug("not waiting for workers of the complete run: %s", exc)
+        return
+    try:
+        deadline = time.monotonic() + END_WAITING_S
+        while (left := deadline - time.monotonic()) > 0:
+            transport.poll(left)
+            for identity, frame in transport.receive():
+                try:
+                    message = decode_from_worker(frame)
+                except ProtocolError:
+                    continue
+                if isinstance(message, Hello):
+                    transport.send(identity, END_FRAME)
+    finally:
+        transport.close()
 
 
 def _describe_discarded(ledger: Ledger | FreshLedger) -> str:

@@ -210,6 +210,44 @@ def test_a_finished_run_started_again_runs_nothing(
     assert master.returncode == 0 and "already complete" in master.stderr
 
 
+WAITING_TASKS = """
+import os
+
+def get_jobs(last=0):
+    yield from range(last, 50)
+
+def init_worker():
+    # Before the worker's socket exists: from here it is trying to reach its master.
+    open(os.path.join(os.environ["TM_TEST_READY"], f"worker-{os.getpid()}"), "w").close()
+
+def handle_job(job):
+    pass
+"""
+
+
+def test_workers_waiting_for_a_master_whose_run_is_complete_hear_it_is_over(
+    procs: Processes, write_tasks, tmp_path: Path, endpoint: str
+) -> None:
+    write_tasks(WAITING_TASKS)
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    env = {"TM_TEST_READY": str(ready)}
+    master = ("tm-master", "tasks.py", "--address", endpoint, "--no-progress")
+    spawn = ("tm-spawn", "tasks.py", "2", "--address", endpoint)
+    workers = procs.start(*spawn, env=env)
+    assert procs.run(*master, env=env, timeout=30).returncode == 0
+    assert workers.wait(timeout=30) == 0
+    for marker in ready.iterdir():
+        marker.unlink()
+    # The seed's commands again, workers first: they hear the run is over, and do not wait
+    # out --wait (60 s) to exit 3.
+    waiting = procs.start(*spawn, env=env)
+    wait_until(lambda: len(list(ready.iterdir())) == 2 or waiting.poll() is not None, 30)
+    again = procs.run(*master, env=env, timeout=30)
+    assert again.returncode == 0 and "already complete: 50 jobs done" in again.stderr
+    assert waiting.wait(timeout=10) == 0
+
+
 def test_reset_starts_over_and_says_what_it_discarded(
     procs: Processes, tasks: dict[str, str], tmp_path: Path
 ) -> None:
