@@ -186,6 +186,13 @@ class Harness:
         worker = self.joined(credit)
         return worker, worker.one_batch()
 
+    def leased_twice(self, credit: int) -> tuple[FakeWorker, Batch, Batch]:
+        """As :meth:`leased`, then ``credit`` more before any job is acked: a second batch."""
+        worker, first = self.leased(credit)
+        worker.ack(credit=credit)
+        self.step()
+        return worker, first, worker.one_batch()
+
     def step(self, advance: float = 0.0) -> None:
         self.clock.now += advance
         self.master.step(self.clock.now)
@@ -254,6 +261,20 @@ def lose(h: Harness, worker: FakeWorker) -> None:
                 other.heartbeat()
         h.step(step)
     assert worker.identity not in h.master.workers
+
+
+def holding_explicit_ids(h: Harness, ids: list[int]) -> tuple[FakeWorker, Batch]:
+    """A new worker holding one lease of explicit ``ids``, as a requeue after a loss makes."""
+    worker = h.worker()
+    worker.hello(credit=0)
+    h.step()
+    h.master.suspects.clear()
+    h.master.requeue.append(chunk_of([(i, pickle.dumps(i)) for i in ids]))
+    worker.ack(credit=len(ids))
+    h.step()
+    lease = worker.one_batch()
+    assert lease.ids == ids
+    return worker, lease
 
 
 def drain(h: Harness, worker: FakeWorker) -> list[int]:
@@ -396,10 +417,7 @@ def test_ack_counts_done_and_moves_the_watermark(make: Callable[..., Harness]) -
 
 def test_out_of_order_acks(make: Callable[..., Harness]) -> None:
     h = make(range(10))
-    w, first = h.leased(credit=2)
-    w.ack(credit=2)
-    h.step()
-    second = w.one_batch()
+    w, first, second = h.leased_twice(credit=2)
     assert (first.ids, second.ids) == ([0, 1], [2, 3])
     w.ack_batch(second)
     h.step()
@@ -442,10 +460,7 @@ def test_a_repeated_partial_ack_does_not_release_the_rest_of_the_lease(
 
 def test_an_ack_settles_only_the_jobs_of_its_batch(make: Callable[..., Harness]) -> None:
     h = make(range(20))
-    w, first = h.leased(credit=4)
-    w.ack(credit=4)
-    h.step()
-    second = w.one_batch()
+    w, first, second = h.leased_twice(credit=4)
     assert (first.ids, second.ids) == ([0, 1, 2, 3], [4, 5, 6, 7])
     # A bug's entry, reaching from before the batch to far past it.
     w.ack(acks=[(second.seq, 1, protocol.MAX_CREDIT)])
@@ -463,19 +478,8 @@ def test_an_ack_for_a_batch_of_scattered_ids_settles_only_those(
     make: Callable[..., Harness],
 ) -> None:
     h = make(range(40))
-    w1 = h.joined(credit=40)
-    w1.one_batch()
-    lose(h, w1)
-    scattered = list(range(0, 40, 3))  # a lease with explicit ids: requeued after a loss
-    w2 = h.worker()
-    w2.hello(credit=0)
-    h.step()
-    h.master.suspects.clear()
-    h.master.requeue.append(chunk_of([(i, pickle.dumps(i)) for i in scattered]))
-    w2.ack(credit=len(scattered))
-    h.step()
-    lease = w2.one_batch()
-    assert lease.ids == scattered
+    scattered = list(range(0, 40, 3))
+    w2, lease = holding_explicit_ids(h, scattered)
     # A huge range is one pass over the lease, not over the range (the loop stays live).
     w2.ack(acks=[(lease.seq, 0, protocol.MAX_CREDIT), (lease.seq, 20, protocol.MAX_CREDIT)])
     h.step()
@@ -489,10 +493,7 @@ def test_an_ack_for_a_batch_of_scattered_ids_settles_only_those(
 def test_a_late_ack_in_a_retry_run_walks_only_the_jobs_retried(
     make: Callable[..., Harness],
 ) -> None:
-    payloads = [(5, pickle.dumps("five")), (9, pickle.dumps("nine"))]
-    h = make(prepickled=payloads, retrying={5: 1, 9: 2})
-    h.master.state.failed = 2
-    w, batch = h.leased(credit=2)
+    h, w, batch = retrying_five_and_nine(make)
     # Leases it never had (trusted as late reports: the jobs ran), each a million ids wide.
     w.ack(acks=[(batch.seq + k, 0, protocol.MAX_CREDIT) for k in range(1, 1001)])
     h.step()
@@ -505,15 +506,8 @@ def test_a_late_ack_in_a_retry_run_walks_only_the_jobs_retried(
 @pytest.mark.timeout(10)  # walking the lease for each entry would take minutes
 def test_entries_naming_one_lease_many_times_walk_it_once(make: Callable[..., Harness]) -> None:
     h = make(range(10))
-    w = h.worker()
-    w.hello(credit=0)
-    h.step()
     scattered = list(range(0, 3 * MAX_BATCH, 3))
-    h.master.requeue.append(chunk_of([(i, pickle.dumps(i)) for i in scattered]))
-    w.ack(credit=MAX_BATCH)
-    h.step()
-    lease = w.one_batch()
-    assert lease.ids == scattered
+    w, lease = holding_explicit_ids(h, scattered)
     w.ack(acks=[(lease.seq, 1, protocol.MAX_CREDIT)] * 20_000)
     h.step()
     assert h.master.state.done == len(scattered) - 1, "all but job 0"
@@ -928,16 +922,8 @@ def test_a_give_back_of_scattered_ids_takes_exactly_those(make: Callable[..., Ha
     w1 = h.joined(credit=40)
     w1.one_batch()
     lose(h, w1)
-    scattered = list(range(0, 40, 3))  # a lease with explicit ids: requeued after a loss
-    w2 = h.worker()
-    w2.hello(credit=0)
-    h.step()
-    h.master.suspects.clear()
-    h.master.requeue.append(chunk_of([(i, pickle.dumps(i)) for i in scattered]))
-    w2.ack(credit=len(scattered))
-    h.step()
-    lease = w2.one_batch()
-    assert lease.ids == scattered
+    scattered = list(range(0, 40, 3))
+    w2, lease = holding_explicit_ids(h, scattered)
     # One entry a job, overlapping and huge ones, ids in no lease: only what it holds counts.
     entries = [(lease.seq, i, 1) for i in scattered[5:]]
     entries += [(lease.seq, 16, 10), (lease.seq, 2**40, protocol.MAX_CREDIT)]
@@ -952,10 +938,7 @@ def test_jobs_given_back_from_several_batches_go_out_lowest_first(
     make: Callable[..., Harness],
 ) -> None:
     h = make(range(10))
-    w1, b1 = h.leased(credit=5)
-    w1.ack(credit=5)
-    h.step()
-    b2 = w1.one_batch()
+    w1, b1, b2 = h.leased_twice(credit=5)
     assert (b1.ids, b2.ids) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
     w1.send(protocol.give_back([(b1.seq, 1, 4), (b2.seq, 5, 5)], 0))
     h.step()
@@ -1299,10 +1282,7 @@ def test_resume_point_is_none_when_nothing_is_held(make: Callable[..., Harness])
 
 def test_checkpoint_writes_watermark_ranges_and_resume_job(make: Callable[..., Harness]) -> None:
     h = make(["a", "b", "c", "d", "e", "f"], checkpoint_interval_s=0.5)
-    w, first = h.leased(credit=2)
-    w.ack(credit=2)
-    h.step()
-    second = w.one_batch()
+    w, first, second = h.leased_twice(credit=2)
     w.ack_batch(first)
     w.ack(acks=[(second.seq, 3, 1)])
     h.step(0.6)  # past the checkpoint interval: step() checkpoints by itself
@@ -1329,13 +1309,21 @@ def test_resume_id_never_moves_back(make: Callable[..., Harness]) -> None:
 # -- --retry-failed ----------------------------------------------------------------------
 
 
-def test_retry_failed_clears_successes_and_keeps_counting_attempts(
+def retrying_five_and_nine(
     make: Callable[..., Harness],
-) -> None:
+) -> tuple[Harness, FakeWorker, Batch]:
+    """A --retry-failed run of the failed jobs 5 and 9, both sent to one worker."""
     payloads = [(5, pickle.dumps("five")), (9, pickle.dumps("nine"))]
     h = make(prepickled=payloads, retrying={5: 1, 9: 2})
     h.master.state.failed = 2
     w, batch = h.leased(credit=2)
+    return h, w, batch
+
+
+def test_retry_failed_clears_successes_and_keeps_counting_attempts(
+    make: Callable[..., Harness],
+) -> None:
+    h, w, batch = retrying_five_and_nine(make)
     assert batch.ids == [5, 9] and batch.jobs == ["five", "nine"]
     w.ack(acks=[(batch.seq, 5, 1)])
     w.fail(batch, 9)
