@@ -163,13 +163,17 @@ class Session(threading.Thread):
             window = min(window, max(fits, self.slots))
         return window
 
+    def _stuck_after_s(self) -> float:
+        """How long a job runs before its slot counts as stuck."""
+        return max(GIVE_BACK_AFTER_S, GIVE_BACK_FACTOR * self.job_time_s)
+
     def _note_stuck(self, now: float, running: dict[int, tuple[float, int]]) -> None:
         """Find the slots held by a job far longer than jobs take (none before one ended)."""
         if self.job_time_s <= 0:
             self._stuck = {}
             return
-        long_after = max(GIVE_BACK_AFTER_S, GIVE_BACK_FACTOR * self.job_time_s)
-        self._stuck = {i: t for i, (t, _) in running.items() if now - t >= long_after}
+        after = self._stuck_after_s()
+        self._stuck = {i: t for i, (t, _) in running.items() if now - t >= after}
 
     def _stuck_slots(self) -> int:
         """How many of the jobs found stuck at the last heartbeat still run (the same runs:
@@ -414,8 +418,8 @@ class Session(threading.Thread):
 
     def _give_back_if_stuck(self, now: float, running: dict[int, tuple[float, int]]) -> None:
         """Send the master the jobs queued here if the slots not held by long jobs would
-        take more than ``GIVE_BACK_AFTER_S`` to get through them (all of them, when every
-        slot is held)."""
+        take more than ``GIVE_BACK_AFTER_S`` plus a prefetch to get through them (always,
+        when every slot is held)."""
         stuck = len(self._stuck)  # as _note_stuck found them just now
         if not stuck or now - self._last_give_back < GIVE_BACK_AFTER_S:
             return
@@ -451,7 +455,7 @@ class Session(threading.Thread):
             count,
             stuck,
             self.slots,
-            max(GIVE_BACK_AFTER_S, GIVE_BACK_FACTOR * self.job_time_s),
+            self._stuck_after_s(),
         )
         self.transport.send(protocol.give_back(returned, voided))
 
