@@ -59,7 +59,11 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(ROOT / "src", work / "src")
     bin_dir = work / ".bin"
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
+    # `python` is the interpreter running the tests. A script, not a symlink: Python 3.10
+    # finds a virtualenv only next to the path it was started by.
+    python = bin_dir / "python"
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
     return work
 
 
