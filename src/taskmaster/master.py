@@ -847,9 +847,12 @@ class Master:
                 state.resume_id, state.resume_job = point
             if state.first_job is None and self.feeder.first_payload is not None:
                 state.first_job = self.feeder.first_payload
-        state.exhausted = self.feeder.done and not self.feeder.failure and not self._outstanding()
-        failure = self.feeder.failure
-        state.generator_error = f"{failure.error}: {failure.message}" if failure else None
+            # (A --retry-failed run's feeder holds only the failures: whether get_jobs ran
+            # to its end is the run's own business, kept as it was.)
+            feeder_done = self.feeder.done and not self.feeder.failure
+            state.exhausted = feeder_done and not self._outstanding()
+            failure = self.feeder.failure
+            state.generator_error = f"{failure.error}: {failure.message}" if failure else None
         state.in_flight = self.in_flight
         state.workers = len(self.workers)
         state.rate = self._rate(now)

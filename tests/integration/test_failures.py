@@ -257,6 +257,40 @@ def test_retry_failed_reruns_only_the_recorded_failures(procs: Processes, write_
     assert [f["attempts"] for f in failures_json(procs, "tasks.py", "n=100")] == [3] * len(still)
 
 
+def test_retrying_the_failures_of_an_unfinished_run_leaves_the_rest_to_run(
+    procs: Processes, write_tasks, record, env
+):
+    write_tasks(
+        tasks(
+            """
+            def get_jobs(n="100", last=None, **kwargs):
+                for i in range(last if last is not None else 0, int(n)):
+                    if i == 60 and os.environ.get("TM_TEST_STOP_AT_60"):
+                        raise RuntimeError("the source went away")
+                    yield i
+
+            def handle_job(job):
+                record(job)
+                if job % 10 == 3 and not os.environ.get("TM_TEST_FIXED"):
+                    raise RuntimeError("broken")
+            """
+        )
+    )
+    first = procs.run(
+        "tm-run", "tasks.py", "2", "--no-progress", env={**env, "TM_TEST_STOP_AT_60": "1"}
+    )
+    assert first.returncode == 1, first.stderr
+    assert status_json(procs, "tasks.py")["complete"] is False
+    fixed = {**env, "TM_TEST_FIXED": "1"}
+    retry = procs.run("tm-run", "tasks.py", "2", "--retry-failed", "--no-progress", env=fixed)
+    assert retry.returncode == 0, retry.stderr
+    status = status_json(procs, "tasks.py")
+    assert (status["failed"], status["complete"]) == (0, False), "jobs 60-99 never ran yet"
+    rest = procs.run("tm-run", "tasks.py", "2", "--no-progress", env=fixed)
+    assert rest.returncode == 0 and "done: 100 jobs" in rest.stderr, rest.stderr
+    assert sorted(set(read_record(record))) == list(range(100))
+
+
 def test_retry_failed_status_keeps_the_runs_total(procs: Processes, write_tasks, record, env):
     write_tasks(
         tasks(

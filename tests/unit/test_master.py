@@ -1320,6 +1320,18 @@ def retrying_five_and_nine(
     return h, w, batch
 
 
+def test_retrying_the_failures_of_an_unfinished_run_leaves_it_unfinished(
+    make: Callable[..., Harness],
+) -> None:
+    h, w, batch = retrying_five_and_nine(make)  # the run stopped before get_jobs ran out
+    w.ack_batch(batch)
+    h.step()
+    assert h.master.finished and h.master.exit_status == EXIT_OK
+    cp = h.view().checkpoint()
+    assert not cp.exhausted, "the jobs after the stop have yet to run: not complete"
+    assert cp.failed == 0
+
+
 def test_retry_failed_clears_successes_and_keeps_counting_attempts(
     make: Callable[..., Harness],
 ) -> None:
