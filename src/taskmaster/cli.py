@@ -201,8 +201,8 @@ def _add_run(sub: Any) -> None:
     p.add_argument(
         "--address",
         "-a",
-        default=security.DEFAULT_ADDRESS,
-        help="bind here instead of a free loopback port",
+        default=None,
+        help="bind here instead of a free loopback port (other workers may then join)",
     )
 
 
@@ -309,7 +309,8 @@ def _master_opts(args: argparse.Namespace, target: Target, prog: str) -> MasterO
         get_jobs=callables.get_jobs, count_jobs=callables.count_jobs, kwargs=kwargs,
         label=target.label, source=target.source,
         state_path=Path(args.state) if args.state else None,
-        address=args.address, secret_file=args.secret_file, config=config, reset=args.reset,
+        address=args.address or security.DEFAULT_ADDRESS, secret_file=args.secret_file,
+        config=config, reset=args.reset,
         retry_failed=args.retry_failed, progress="none" if args.no_progress else args.progress,
         workers_table=args.workers_table, failures_hint=hint,
     )  # fmt: skip
@@ -319,7 +320,8 @@ def _worker_opts(args: argparse.Namespace, target: Target, name: str | None) -> 
     callables = worker_callables(target, name)
     return WorkerOptions(
         handle_job=callables.handle_job, init_worker=callables.init_worker,
-        address=args.address, secret_file=args.secret_file, wait_s=args.wait,
+        address=args.address or security.DEFAULT_ADDRESS, secret_file=args.secret_file,
+        wait_s=args.wait,
         threads=args.threads, concurrency=args.concurrency,
     )  # fmt: skip
 
@@ -328,9 +330,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     target = parse_target(args.tasks)
     master = _master_opts(args, target, "tm-run")
     worker = _worker_opts(args, target, args.handle_job_callback)
-    if args.address != security.DEFAULT_ADDRESS:
+    if args.address is not None:
         master.address = worker.address = security.normalize_address(args.address)
-    return run_all(master, worker, args.workers).status
+    return run_all(master, worker, args.workers, private=args.address is None).status
 
 
 def _cmd_master(args: argparse.Namespace) -> int:

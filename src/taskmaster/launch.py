@@ -98,8 +98,13 @@ def bind_master(options: MasterOptions) -> MasterTransport:
     return MasterTransport(*master_endpoint(options))
 
 
-def run_all(master: MasterOptions, worker: WorkerOptions, n: int) -> Outcome:
+def run_all(
+    master: MasterOptions, worker: WorkerOptions, n: int, *, private: bool = True
+) -> Outcome:
     """``tm-run``: a master on a free loopback port plus N local workers, one exit status.
+
+    With ``private=False`` the master binds ``master.address`` (``tm-run --address``) and
+    uses the configured secret, so that workers started elsewhere can join the run.
 
     The workers' supervisor is forked first, before the master starts any thread or loads
     its side; it learns the master's address through a pipe as soon as the port is bound,
@@ -108,7 +113,7 @@ def run_all(master: MasterOptions, worker: WorkerOptions, n: int) -> Outcome:
     if n < 1:
         raise UsageError("the number of workers must be at least 1")
     security.check_libzmq()
-    if master.address == security.DEFAULT_ADDRESS:
+    if private:
         # Our own free loopback port, and fresh keys nobody else needs to know.
         master.address = "tcp://127.0.0.1:*"
         if master.secret:
