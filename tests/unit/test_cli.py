@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +45,18 @@ def test_tm_run_takes_a_free_port_of_its_own_unless_given_an_address(
         assert _run("--address", given) == EXIT_OK
         expected = security.normalize_address(given)
         assert tm_run[-1] == {"address": expected, "worker": expected, "private": False}
+
+
+def test_every_subcommand_is_a_tm_dash_command_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # SPEC: `tm <sub>` and `tm-<sub>` are the same commands.
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    scripts = dict(re.findall(r'^(tm[-a-z]*) = "taskmaster\.cli:(\w+)"$', pyproject, re.M))
+    assert scripts["tm"] == "main" and scripts["tm-slave"] == scripts["tm-worker"]
+    for sub in cli.SUBCOMMANDS:
+        monkeypatch.setattr("sys.argv", [f"tm-{sub}", "--help"])
+        with pytest.raises(SystemExit) as exit_:
+            getattr(cli, scripts[f"tm-{sub}"])()
+        assert exit_.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: tm {sub}"), sub
