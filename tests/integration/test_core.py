@@ -57,6 +57,25 @@ def test_seed_usage_master_then_spawn(procs: Processes, write_tasks, tmp_path: P
     assert set(printed.values()) == {1}
 
 
+def test_the_2012_example_module_runs_as_its_commands_were_written(
+    procs: Processes, endpoint: str
+) -> None:
+    # `tm-master taskmaster.example` and `tm-slave taskmaster.example`, as in the 2012 README
+    # (with an address of the test's own); PYTHONUNBUFFERED set, as in many shells.
+    env = {"PYTHONUNBUFFERED": "1"}
+    master = procs.start("tm-master", "taskmaster.example", "--address", endpoint, env=env)
+    slave = procs.start("tm-slave", "taskmaster.example", "--address", endpoint, env=env)
+    out, err = slave.communicate(timeout=30)
+    assert slave.returncode == 0, err.decode()
+    _, master_err = master.communicate(timeout=30)
+    assert master.returncode == 0, master_err.decode()
+    assert out.decode().splitlines() == [f"Got {i}!" for i in range(1000)]
+    # And with tm-run, whose workers share one output: each line whole, once.
+    run = procs.run("tm-run", "taskmaster.example", "2", "--reset", "--no-progress", env=env)
+    assert run.returncode == 0, run.stderr
+    assert sorted(run.stdout.splitlines()) == sorted(f"Got {i}!" for i in range(1000))
+
+
 def test_spawn_before_master_also_works(
     procs: Processes, write_tasks, tmp_path: Path, endpoint: str
 ) -> None:
