@@ -30,7 +30,7 @@ try:
     from .errors import TaskmasterError, UsageError
     from .launch import run_all, run_worker, spawn_workers
     from .options import MasterConfig, MasterOptions, WorkerOptions
-    from .targets import Target, master_callables, parse_target, worker_callables
+    from .targets import GET_JOBS, Target, master_callables, parse_target, worker_callables
 finally:
     gc.freeze()
     if _collecting:
@@ -297,6 +297,11 @@ def _build_parser(prog: str = "tm", only: str | None = None) -> argparse.Argumen
 def _master_opts(args: argparse.Namespace, target: Target, prog: str) -> MasterOptions:
     kwargs = _kwargs(args.kwargs)
     callables = master_callables(target, args.get_jobs_callback)
+    name = args.get_jobs_callback
+    if name and name != (target.function or GET_JOBS):
+        # TASKS --get-jobs-callback NAME is TASKS:NAME: another generator, a run of its own
+        # (state file, resume point), and the name tm status and tm failures know it by.
+        target = target._replace(spec=f"{target.module_ref}:{name}", function=name)
     config = MasterConfig(
         size=args.size, timeout_s=args.timeout, retries=max(0, args.retries),
         max_attempts=args.max_attempts, max_job_bytes=args.max_job_bytes, total=args.total,
