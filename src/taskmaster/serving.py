@@ -25,7 +25,7 @@ from .options import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MasterOptions, Outc
 from .progress import Reporter, Summary, make_reporter
 from .protocol import END_FRAME, PROTOCOL_VERSION, Hello, decode_from_worker
 from .state import CompletedSet, FreshLedger
-from .targets import accepts_last
+from .targets import accepts_last, check_kwargs
 from .transport import MasterTransport
 
 if TYPE_CHECKING:
@@ -163,8 +163,11 @@ def serve_master(
     ``options.address`` once its state file is open.
     """
     try:
-        # Refused (say, a reachable address without a secret) before the state is touched.
+        # Refused (say, a reachable address without a secret, or key=value arguments
+        # get_jobs cannot take) before the state is touched.
         endpoint = master_endpoint(options) if transport is None else None
+        if not options.retry_failed:
+            check_kwargs(options.get_jobs, options.kwargs)
         state_path = options.state_path or default_state_path(options.label, options.kwargs)
         reporter = make_reporter(
             options.progress, stream=options.stream, workers_table=options.workers_table

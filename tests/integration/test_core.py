@@ -139,6 +139,31 @@ def test_bad_tasks_file_exits_2_with_one_line(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["foo=1"], "get_jobs() takes no argument foo= (it takes n=)"),
+        (["n=5", "--get-jobs-callback", "needs_path"], "needs_path() needs path="),
+    ],
+)
+def test_key_value_arguments_get_jobs_cannot_take_exit_2_with_one_line(
+    procs: Processes, tmp_path: Path, args: list[str], expected: str
+) -> None:
+    (tmp_path / "tasks.py").write_text(
+        "def get_jobs(n='3'):\n    yield from range(int(n))\n\n"
+        "def needs_path(path, n='3'):\n    yield from range(int(n))\n\n"
+        "def handle_job(job):\n    pass\n"
+    )
+    for command in (["tm-run", "tasks.py", "2"], ["tm-master", "tasks.py"]):
+        result = procs.run(*command, *args, "--no-progress")
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and expected in lines[0] and "tasks.py" in lines[0], lines
+    assert not (tmp_path / ".taskmaster").exists() or not list(
+        (tmp_path / ".taskmaster").glob("*.db")
+    ), "refused before any state was made"
+
+
 def test_status_json_after_run(procs: Processes, write_tasks, tmp_path: Path) -> None:
     write_tasks(RECORDING_TASKS)
     env = {"TM_TEST_RECORD": str(tmp_path / "record.txt")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from taskmaster import targets
 from taskmaster.errors import TargetError, UsageError
 from taskmaster.targets import (
     accepts_last,
+    check_kwargs,
     load_function,
     master_callables,
     parse_target,
@@ -345,3 +347,38 @@ class Callable_:
 )
 def test_accepts_last(func: Callable[..., object], expected: bool) -> None:
     assert accepts_last(func) is expected
+
+
+def _plain() -> Iterator[int]:
+    yield 1
+
+
+def _named(path: str, n: str = "3", last: int | None = None) -> Iterator[int]:
+    yield 1
+
+
+def _keyword_only(*, path: str, last: int | None = None) -> Iterator[int]:
+    yield 1
+
+
+def _anything(**kwargs: str) -> Iterator[int]:
+    yield 1
+
+
+def test_key_value_arguments_get_jobs_cannot_take_are_refused_in_one_line() -> None:
+    check_kwargs(_named, {"path": "x"})
+    check_kwargs(_named, {"path": "x", "n": "5"})
+    check_kwargs(_keyword_only, {"path": "x"})
+    check_kwargs(_anything, {"whatever": "1"})
+    check_kwargs(_plain, {})
+    check_kwargs(print, {"anything": "1"})  # not a Python function: left to fail when called
+    refusals = [
+        (_plain, {"foo": "1"}, "test_targets.py: _plain() takes no argument foo= (it takes none)"),
+        (_named, {"path": "x", "m": "1"}, "_named() takes no argument m= (it takes path=, n=)"),
+        (_named, {"n": "1"}, "test_targets.py: _named() needs path=…"),
+        (_keyword_only, {}, "_keyword_only() needs path=…"),
+    ]
+    for func, kwargs, says in refusals:
+        with pytest.raises(TargetError, match=re.escape(says)) as refused:
+            check_kwargs(func, kwargs)
+        assert "\n" not in str(refused.value) and isinstance(refused.value, UsageError)
