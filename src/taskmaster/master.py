@@ -25,7 +25,7 @@ from .feeder import OVERSHOOT_MIN, Chunk, Feeder, safe_repr
 from .leases import Lease, WorkerState, chunk_of, ids_within, merged, runs
 from .options import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MasterConfig
 from .progress import NullReporter, Reporter, Snapshot, StalledJob, Summary, WorkerRow
-from .state import Checkpoint, FreshLedger
+from .state import Checkpoint, FreshLedger, now_iso
 
 if TYPE_CHECKING:
     from .ledger import Ledger
@@ -106,7 +106,7 @@ class Master:
             duplicates=base.duplicates,
             retried=base.retried,
             total=config.total if config.total is not None else base.total,
-            started=base.started or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            started=base.started or now_iso(),
         )
         self.done_at_start = base.done
         # tm-run: says why the run cannot go on (its workers are all gone), else None.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,5 @@ def test_status_json_after_run(procs: Processes, write_tasks, tmp_path: Path) ->
     data = json.loads(status.stdout)
     assert data["done"] == 100 and data["failed"] == 0 and data["watermark"] == 100
     assert data["running"] is False and data["updated"]
+    for stamp in (data["started"], data["updated"]):  # ISO 8601 (3.10's fromisoformat reads it)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?[+-]\d\d:\d\d", stamp), stamp
