@@ -84,12 +84,17 @@ def run(
     size: int = 10_000,
     retries: int = 0,
     timeout: float | None = None,
+    max_attempts: int = 3,
+    max_job_bytes: int = 64 * 1024 * 1024,
+    checkpoint_interval: float = 0.5,
+    liveness: float = 3.0,
     total: int | None = None,
     threads: int = 1,
     concurrency: int = 1,
     reset: bool = False,
     retry_failed: bool = False,
     progress: Progress = "auto",
+    workers_table: bool = False,
     name: str | None = None,
 ) -> RunResult:
     """Run ``handle_job`` on every job ``get_jobs(**kwargs)`` yields, on ``workers`` processes.
@@ -104,11 +109,14 @@ def run(
     - ``kwargs``: passed to ``get_jobs`` and ``count_jobs``; each set has its own state.
     - ``count_jobs`` / ``total``: the number of jobs, for the percentage and the ETA.
     - ``init_worker``: called once in each worker process before its first job.
-    - ``size``, ``retries``, ``timeout``, ``threads``, ``concurrency``, ``retry_failed``:
-      as ``--size``, ``--retries``, ``--timeout``, ``--threads``, ``--concurrency``,
+    - ``size``, ``retries``, ``timeout``, ``max_attempts``, ``max_job_bytes``,
+      ``checkpoint_interval``, ``liveness``, ``threads``, ``concurrency``, ``retry_failed``:
+      as ``--size``, ``--retries``, ``--timeout``, ``--max-attempts``, ``--max-job-bytes``,
+      ``--checkpoint-interval``, ``--liveness``, ``--threads``, ``--concurrency``,
       ``--retry-failed``. An ``async def handle_job`` runs ``concurrency`` jobs at once.
     - ``progress``: ``"auto"`` (live on a terminal, a log line every few seconds otherwise),
-      ``"rich"``, ``"log"`` or ``"none"`` (only the final summary).
+      ``"rich"``, ``"log"`` or ``"none"`` (only the final summary); ``workers_table`` adds a
+      row per worker to the live screen, as ``--workers-table``.
 
     Workers are forked from this process, so functions defined in a script's ``__main__``
     (or a notebook) work; jobs must be picklable. Returns a :class:`RunResult`; failed jobs
@@ -117,7 +125,11 @@ def run(
     label = name or _default_name(get_jobs)
     kw = dict(kwargs or {})
     state_path = Path(state) if state is not None else default_state_path(label, kw)
-    config = MasterConfig(size=size, retries=retries, timeout_s=timeout, total=total)
+    config = MasterConfig(
+        size=size, retries=retries, timeout_s=timeout, total=total, max_attempts=max_attempts,
+        max_job_bytes=max_job_bytes, checkpoint_interval_s=checkpoint_interval,
+        liveness_s=liveness,
+    )  # fmt: skip
     master = MasterOptions(
         get_jobs=get_jobs,
         count_jobs=count_jobs,
@@ -128,6 +140,7 @@ def run(
         reset=reset,
         retry_failed=retry_failed,
         progress=progress,
+        workers_table=workers_table,
         failures_hint=f"tm failures {label} --state {state_path}",
     )
     worker = WorkerOptions(

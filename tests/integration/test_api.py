@@ -94,6 +94,21 @@ def test_run_reports_failures(tmp_path: Path, record: Path) -> None:
     assert result.done == N - sevens
 
 
+def die_on_five(job: int) -> None:
+    record_job(job)
+    if job == 5:
+        os._exit(1)  # the worker process dies: its supervisor starts another
+
+
+def test_run_takes_the_tm_run_options_as_keywords(tmp_path: Path, record: Path) -> None:
+    result = taskmaster.run(
+        get_jobs, die_on_five, workers=2, state=tmp_path / "s.db", progress="none",
+        max_attempts=1, checkpoint_interval=0.1, liveness=5.0, size=50, workers_table=True,
+    )  # fmt: skip
+    assert (result.status, result.failed, result.done) == (1, 1, N - 1)
+    assert ran(record).count(5) == 1, "failed at its first death (max_attempts=1)"
+
+
 @pytest.mark.parametrize(
     ("handle", "options"),
     [(record_job, {"threads": 4}), (record_job_async, {"concurrency": 8})],
