@@ -159,6 +159,7 @@ class Harness:
     clock: FakeClock
     path: Path
     workers: list[FakeWorker] = field(default_factory=list)
+    views: list[LedgerView] = field(default_factory=list)
 
     def worker(self, name: str | None = None) -> FakeWorker:
         worker = FakeWorker(self, name or f"w{len(self.workers)}", 100 + len(self.workers))
@@ -200,11 +201,17 @@ class Harness:
     def checkpoint(self) -> None:
         self.master.checkpoint(self.clock.now)
 
-    def view(self) -> LedgerView:
-        self.checkpoint()
-        return LedgerView(self.path)
+    def view(self, *, checkpoint: bool = True) -> LedgerView:
+        """The state as tm status reads it (after a checkpoint); closed with the harness."""
+        if checkpoint:
+            self.checkpoint()
+        view = LedgerView(self.path)
+        self.views.append(view)
+        return view
 
     def close(self) -> None:
+        for view in self.views:
+            view.close()
         self.feeder.stop()
         self.feeder.join(timeout=5)
         self.ledger.close()
@@ -1286,7 +1293,7 @@ def test_checkpoint_writes_watermark_ranges_and_resume_job(make: Callable[..., H
     w.ack_batch(first)
     w.ack(acks=[(second.seq, 3, 1)])
     h.step(0.6)  # past the checkpoint interval: step() checkpoints by itself
-    cp = LedgerView(h.path).checkpoint()
+    cp = h.view(checkpoint=False).checkpoint()
     assert cp.watermark == 2
     assert cp.ranges == [(3, 4)]
     assert cp.resume_id == 2 and pickle.loads(cp.resume_job) == "c"
