@@ -135,13 +135,19 @@ def local_secret(directory: Path | None = None) -> str:
 
 
 def normalize_address(address: str) -> str:
-    """Accept ``host:port`` and ``:port`` as well as ``tcp://host:port``."""
+    """Accept ``host:port`` and ``:port`` as well as ``tcp://host:port``; refuse a tcp
+    address without a port, or with one outside 1-65535, saying so."""
     address = address.strip()
-    if "://" in address:
-        return address
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(f"bad address {address!r}: use host:port or tcp://host:port")
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme != "tcp":
+        return address  # ipc://, inproc://: libzmq's to judge
+    host, colon, port = (rest if sep else address).rpartition(":")
+    valid = port == "*" if sep else False  # tcp://host:*, a free port (tm-run's own)
+    valid = valid or (port.isdigit() and 0 < int(port) < 65536)
+    if not colon or not valid or (sep and not host):
+        raise UsageError(
+            f"bad address {address!r}: use host:port or tcp://host:port, port 1 to 65535"
+        )
     return f"tcp://{host or '127.0.0.1'}:{port}"
 
 

@@ -208,13 +208,19 @@ def test_processes_starting_together_share_one_local_secret(tmp_path: Path) -> N
         ("127.0.0.1:4000", "tcp://127.0.0.1:4000"),
         (":4000", "tcp://127.0.0.1:4000"),
         ("[::1]:4000", "tcp://[::1]:4000"),
+        ("tcp://*:3050", "tcp://*:3050"),
+        ("tcp://127.0.0.1:*", "tcp://127.0.0.1:*"),
+        ("ipc:///tmp/tm.sock", "ipc:///tmp/tm.sock"),
     ],
 )
 def test_normalize_address(given: str, expected: str) -> None:
     assert security.normalize_address(given) == expected
 
 
-@pytest.mark.parametrize("bad", ["localhost", "host:port", "4000"])
+@pytest.mark.parametrize(
+    "bad",
+    ["localhost", "host:port", "4000", "tcp://127.0.0.1", "tcp://127.0.0.1:99999", ":0", "x:*"],
+)
 def test_bad_address_is_a_usage_error(bad: str) -> None:
     with pytest.raises(UsageError):
         security.normalize_address(bad)
