@@ -355,7 +355,12 @@ def _cmd_spawn(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    import signal
+
     target = parse_target(args.tasks)
+    # A lone worker stops on SIGTERM as on Ctrl-C (and as tm-spawn's workers do): it says
+    # goodbye, so its master requeues its jobs at once, and exits 130.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     return run_worker(_worker_opts(args, target, args.handle_job_callback or target.function))
 
 

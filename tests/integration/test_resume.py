@@ -193,6 +193,21 @@ def test_sigint_exits_130_and_a_restart_completes(
     assert status["done"] == 12000 and status["watermark"] == 12000 and status["complete"]
 
 
+def test_a_lone_worker_stops_on_sigterm_as_on_ctrl_c(
+    procs: Processes, tasks: dict[str, str], tmp_path: Path, endpoint: str
+) -> None:
+    env = {**tasks, "TM_TEST_SLEEP": "0.01"}
+    master = procs.start("tm-master", "tasks.py", "n=5000", "--address", endpoint, env=env)
+    worker = procs.start("tm-worker", "tasks.py", "--address", endpoint, env=env)
+    wait_until(lambda: len(_record(tmp_path)) >= 5 or worker.poll() is not None, 30)
+    procs.kill(worker, signal.SIGTERM)
+    _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 130, err.decode()  # as tm-spawn, tm-run and tm-master
+    assert "interrupted" in err.decode() and "Traceback" not in err.decode()
+    procs.kill(master, signal.SIGINT)
+    assert master.wait(timeout=30) == 130
+
+
 def test_a_finished_run_started_again_runs_nothing(
     procs: Processes, tasks: dict[str, str], tmp_path: Path
 ) -> None:
