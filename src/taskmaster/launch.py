@@ -21,7 +21,7 @@ from . import (
 )
 from .errors import TaskmasterError, UsageError
 from .options import EXIT_INTERRUPTED, MasterOptions, Outcome, WorkerOptions
-from .supervisor import Supervisor, child_slot, leaving, run_over_told
+from .supervisor import EXIT_INIT_FAILED, Supervisor, child_slot, leaving, run_over_told
 from .transport import MasterTransport
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ def run_worker(options: WorkerOptions) -> int:
         predecessor_died=(died.identity, died.job_id, died.seq) if died else None,
         run_over_told=run_over_told if slot is not None else None,
         leaving=leaving if slot is not None else None,
+        init_failed_before=slot is not None and slot.init_failed_before,
     )  # fmt: skip
     return worker.run()
 
@@ -161,6 +162,8 @@ def _workers_gone(pid: int) -> str | None:
         return "the workers are gone"
     if info is None:
         return None
+    if info.si_status == EXIT_INIT_FAILED:
+        return "no worker could start: init_worker() failed in each (see the log above)"
     return f"all workers exited (status {info.si_status}) before the run finished"
 
 

@@ -59,11 +59,13 @@ class LastWords(NamedTuple):
 
 
 class ChildSlot(NamedTuple):
-    """Handed to a forked worker: its black box and its predecessor's last words."""
+    """Handed to a forked worker: its black box, its predecessor's last words, and whether
+    its predecessor's init_worker() failed."""
 
     slot: int
     black_box: memoryview
     last_words: LastWords | None
+    init_failed_before: bool = False
 
 
 _child_slot: ChildSlot | None = None
@@ -180,7 +182,9 @@ class Supervisor:
                     signal.pthread_sigmask(signal.SIG_SETMASK, old)
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
                     global _child_slot
-                    _child_slot = ChildSlot(slot.index, self._box(slot.index), slot.last_words)
+                    _child_slot = ChildSlot(
+                        slot.index, self._box(slot.index), slot.last_words, slot.start_failures > 0
+                    )
                     status = self.worker_main(slot.index)
                 except KeyboardInterrupt:
                     status = EXIT_INTERRUPTED
@@ -253,6 +257,8 @@ class Supervisor:
         if self.interrupted:
             return EXIT_INTERRUPTED
         bad = [s for s in self.slots if s.status not in (0,)]
+        if bad and all(s.start_failures >= MAX_START_FAILURES for s in self.slots):
+            return EXIT_INIT_FAILED  # nothing ever ran: say why, not just that they failed
         return EXIT_WORKERS_FAILED if bad else EXIT_OK
 
     def step(self, now: float) -> None:

@@ -521,6 +521,7 @@ class Worker:
         predecessor_died: tuple[int, int, int] | None = None,
         run_over_told: Callable[[], bool] | None = None,
         leaving: Callable[[], None] | None = None,
+        init_failed_before: bool = False,
     ) -> None:
         self.address = address
         # Whether this worker's supervisor said the run is over (another worker heard END).
@@ -532,6 +533,8 @@ class Worker:
         self.keys = keys
         self.handle_job = handle_job
         self.init_worker = init_worker
+        # This process replaces one whose init_worker() failed: say so in one line.
+        self.init_failed_before = init_failed_before
         self.wait_s = wait_s
         self.executor = make_executor(handle_job, threads=threads, concurrency=concurrency)
 
@@ -540,8 +543,11 @@ class Worker:
         if self.init_worker is not None:
             try:
                 self.init_worker()
-            except Exception:
-                logger.exception("init_worker() failed")
+            except Exception as exc:
+                if self.init_failed_before:  # its traceback is in the log already
+                    logger.error("init_worker() failed again: %s: %s", type(exc).__name__, exc)
+                else:
+                    logger.exception("init_worker() failed")
                 return EXIT_INIT_FAILED
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)

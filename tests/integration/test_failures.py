@@ -518,6 +518,29 @@ def test_get_jobs_raising_stops_there_and_a_restart_resumes_there(
     assert status["generator_error"] is None and status["complete"] is True
 
 
+def test_an_init_worker_that_always_fails_ends_the_run_saying_why(
+    procs: Processes, write_tasks, record, env
+):
+    write_tasks(
+        tasks(
+            """
+            def init_worker():
+                raise RuntimeError("no database here")
+
+            def handle_job(job):
+                record(job)
+            """
+        )
+    )
+    run = procs.run("tm-run", "tasks.py", "2", "n=10", "--no-progress", env=env, timeout=60)
+    assert run.returncode == 1, run.stderr
+    assert "no worker could start: init_worker() failed in each" in run.stderr
+    # Each worker slot's first failure has its traceback; its retries say it in one line.
+    assert run.stderr.count("Traceback") == 2, run.stderr
+    assert run.stderr.count("init_worker() failed again: RuntimeError: no database here") >= 2
+    assert not record.exists(), "no job ran"
+
+
 def test_a_worker_that_cannot_load_handle_job_says_so_and_the_master_serves_others(
     procs: Processes, write_tasks, record, env, endpoint: str
 ):

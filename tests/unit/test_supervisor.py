@@ -8,6 +8,7 @@ step the supervisor by hand (``step(now)``, with a fake clock where time matters
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import sys
@@ -20,11 +21,13 @@ import pytest
 from taskmaster import supervisor as supervisor_module
 from taskmaster.supervisor import (
     BACKOFF_MAX_S,
+    EXIT_INIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_REPLACE,
     EXIT_WORKERS_FAILED,
     HEALTHY_AFTER_S,
+    MAX_START_FAILURES,
     Supervisor,
 )
 from tests.conftest import FakeClock, wait_until
@@ -126,6 +129,25 @@ def test_backoff_grows_while_a_worker_keeps_dying_young(tmp_path: Path) -> None:
         assert next_delay(sup, clock) == 0.5
     finally:
         stop_all(sup)
+
+
+def test_workers_whose_init_keeps_failing_give_up_saying_why(tmp_path: Path) -> None:
+    starts = tmp_path / "starts"
+
+    def main(index: int) -> int:
+        slot = supervisor_module.child_slot()
+        assert slot is not None
+        mark(starts, f"{index} {slot.init_failed_before}")
+        return EXIT_INIT_FAILED  # as a Worker does when init_worker() raises
+
+    ticks = itertools.count()
+    sup = Supervisor(2, main, clock=lambda: next(ticks) * 10.0)  # backoffs pass at once
+    assert sup.run() == EXIT_INIT_FAILED, "not just 'the workers failed'"
+    seen = [line.split()[1:] for line in lines(starts)]
+    for index in ("0", "1"):
+        said = [before for i, before in seen if i == index]
+        # The first failure of a slot logs its traceback; the ones after it, one line.
+        assert said == ["False"] + ["True"] * (MAX_START_FAILURES - 1)
 
 
 def test_a_replaced_worker_comes_back_at_once_without_backoff(tmp_path: Path) -> None:
