@@ -74,6 +74,7 @@ class WorkerState:
     __slots__ = (
         "identity", "host", "pid", "slots", "credit", "last_seen", "leases", "done",
         "running_job", "running_s", "running_seen", "rate_mark", "rate", "end_window",
+        "unreachable",
     )  # fmt: skip
 
     def __init__(
@@ -95,6 +96,9 @@ class WorkerState:
         # What it needs held at the end of a run (see Master._share); until its first ACK
         # says, what it first asked for.
         self.end_window = max(slots, credit)
+        # A send to it failed (its connection is gone): nothing more goes to it until it
+        # is heard from again, or a probe finds it lost.
+        self.unreachable = False
 
     @property
     def name(self) -> str:

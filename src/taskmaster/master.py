@@ -223,6 +223,7 @@ class Master:
                 self.transport.send(identity, protocol.REHELLO_FRAME)
                 return
             worker.last_seen = now
+            worker.unreachable = False
             worker.running_job = message.running_job
             worker.running_s = message.running_s
             worker.running_seen = now
@@ -318,6 +319,7 @@ class Master:
         if worker is not None:
             worker.done += acked_total
             worker.last_seen = now
+            worker.unreachable = False
             worker.credit += ack.credit
             if ack.end_window:
                 worker.end_window = ack.end_window
@@ -539,12 +541,10 @@ class Master:
         # come, first served: otherwise the worker that acks first queues the last jobs of
         # the run while another one idles. What is left does not change while jobs are
         # handed out (they only move from waiting to out), so it is counted once here.
-        end, counted = self._end_of_run(), len(workers)
+        end = self._end_of_run()
         for worker in list(workers.values()):
-            if len(workers) != counted:  # a failed send dropped one: share among the rest
-                end, counted = self._end_of_run(), len(workers)
             share = self._share(worker, *end) if end is not None else None
-            while worker.credit > 0 and worker.identity in workers:
+            while worker.credit > 0 and not worker.unreachable and worker.identity in workers:
                 chunk, suspect = self._next_chunk(worker, now, share)
                 if chunk is None:
                     # The buffer is empty (the feeder wakes us when it is not), the next
@@ -552,7 +552,9 @@ class Master:
                     # the worker holds its share of the end.
                     starved = starved or not worker.leases or not feeder.buffered
                     break
-                self._send_chunk(worker, chunk, now, suspect)
+                if not self._send_chunk(worker, chunk, now, suspect):
+                    end = self._end_of_run()  # the rest share the end without it
+                    break
                 if share is not None:
                     share -= len(chunk)
                 if suspect:
@@ -600,12 +602,12 @@ class Master:
     def _end_of_run(self) -> tuple[int, int] | None:
         """Once get_jobs is exhausted and several workers share the end: all their slots
         and all the jobs left (buffered, waiting to be sent again, or out); else None."""
-        workers = self.workers
-        if not self.feeder.exhausted or len(workers) < 2:
+        reachable = [w for w in self.workers.values() if not w.unreachable]
+        if not self.feeder.exhausted or len(reachable) < 2:
             return None
         waiting = sum(len(c) for c in self.requeue) + sum(len(c) for c in self.suspects)
         left = self.feeder.buffered + self.in_flight + waiting + len(self.delayed)
-        return sum(w.slots for w in workers.values()), left
+        return sum(w.slots for w in reachable), left
 
     def _share(self, worker: WorkerState, total_slots: int, left: int) -> int:
         """How many more jobs ``worker`` may take once get_jobs is exhausted.
@@ -626,15 +628,21 @@ class Master:
         leases = self.leases
         return sum(lease.remaining for seq in worker.leases if (lease := leases.get(seq)))
 
-    def _send_chunk(self, worker: WorkerState, chunk: Chunk, now: float, suspect: bool) -> None:
+    def _send_chunk(self, worker: WorkerState, chunk: Chunk, now: float, suspect: bool) -> bool:
+        """Lease ``chunk`` to ``worker``; False if its connection is gone (see below)."""
         assert len(chunk) <= MAX_LEASE_JOBS, "a report could not name all of this lease"
         self._seq += 1
         seq = self._seq
         ids: int | list[int] = chunk.ids if chunk.ids is not None else chunk.first_id
         if not self.transport.send(worker.identity, protocol.jobs(seq, ids, *chunk.wire())):
+            # Its connection is gone: it crashed (its successor's last words may be on their
+            # way, naming the job that killed it) or the network dropped it. Its leases stay
+            # until one of those is known, or a probe finds it lost, so that a job that
+            # killed it is not sent at once to the next worker as if innocent.
             self.requeue.appendleft(chunk)
-            self._drop_worker(worker, now, lost=False)
-            return
+            worker.unreachable = True
+            self._probe(now)
+            return False
         n = len(chunk)
         if self.first_dispatch_s is None:
             self.first_dispatch_s = now - self.started_at
@@ -645,6 +653,7 @@ class Master:
         worker.leases.add(seq)
         self.leases[seq] = Lease(seq, worker.identity, chunk, now, n, suspect)
         self.in_flight += n
+        return True
 
     # -- liveness ------------------------------------------------------------------------
 
@@ -669,7 +678,7 @@ class Master:
         probed = bool(self._probe_deadline) and now >= self._probe_deadline
         probe_sent = self._probe_sent
         for worker in list(self.workers.values()):
-            if probed and worker.last_seen < probe_sent:
+            if probed and worker.last_seen <= probe_sent:  # heard before the probe: no answer
                 logger.warning("lost worker=%s: no answer to a probe", worker.name)
                 self._drop_worker(worker, now, lost=True)
             elif now - worker.last_seen > self.config.liveness_s:

@@ -1048,7 +1048,9 @@ def test_an_unreachable_idle_worker_is_lost_by_liveness(
     assert w.identity not in h.master.workers
 
 
-def test_a_failed_send_drops_the_worker_and_requeues(make: Callable[..., Harness]) -> None:
+def test_a_failed_send_stops_sends_and_probes_and_the_silent_worker_is_lost(
+    make: Callable[..., Harness],
+) -> None:
     h = make(range(4))
     gone, other = h.worker("gone"), h.worker("other")
     gone.hello(credit=0)
@@ -1058,8 +1060,56 @@ def test_a_failed_send_drops_the_worker_and_requeues(make: Callable[..., Harness
     gone.ack(credit=4)  # its last words: credit, then its connection closed
     other.ack(credit=4)
     h.step()
-    assert gone.identity not in h.master.workers
+    assert h.master.workers[gone.identity].unreachable, "not sent to again"
     assert sorted(i for b in other.batches() for i in b.ids) == [0, 1, 2, 3]
+    assert protocol.PROBE in [m[0] for m in h.transport.take(other.identity)]
+    other.heartbeat()
+    h.step(PROBE_WINDOW_S)
+    assert gone.identity not in h.master.workers and other.identity in h.master.workers
+
+
+def test_a_worker_whose_connection_dropped_is_sent_to_again_once_heard(
+    make: Callable[..., Harness],
+) -> None:
+    h = make(range(10))
+    w = h.joined(credit=0)
+    h.transport.unreachable.add(w.identity)
+    w.ack(credit=2)
+    h.step()
+    assert h.master.workers[w.identity].unreachable
+    h.transport.unreachable.clear()  # it reconnected
+    w.heartbeat()  # and answers the probe
+    h.step(0.01)
+    assert [b.ids for b in w.batches()] == [[0, 1]], "its credit was kept"
+    h.step(PROBE_WINDOW_S)
+    assert w.identity in h.master.workers
+
+
+def test_a_job_that_killed_its_worker_is_not_resent_before_its_last_words(
+    make: Callable[..., Harness],
+) -> None:
+    # The master learns of the death by a failed send before the successor's HELLO: the dead
+    # worker's jobs wait for the last words, so max_attempts=1 means one run.
+    h = make(range(10), max_attempts=1)
+    dead = h.worker("wkr00000")
+    dead.hello(credit=5)
+    other = h.joined(credit=0)
+    h.step()
+    batch = dead.one_batch()
+    assert batch.ids == [0, 1, 2, 3, 4]
+    h.transport.unreachable.add(dead.identity)  # job 2 killed it
+    dead.ack(acks=[(batch.seq, 0, 2)], credit=2)  # what it sent before it died
+    other.ack(credit=10)
+    h.step()
+    sent = [i for b in other.batches() for i in b.ids]
+    assert not set(sent) & {2, 3, 4}, "the dead worker's jobs wait for its last words"
+    successor = h.worker("wkr00001")
+    successor.hello(credit=10, died=(dead.identity_int, 2, batch.seq))
+    h.step()
+    [failure] = h.view().failures()
+    assert (failure.job_id, failure.attempts, failure.error) == (2, 1, "WorkerLost")
+    resent = [i for w in (other, successor) for b in w.batches() for i in b.ids]
+    assert 2 not in resent and {3, 4} <= set(resent)
 
 
 # -- finish and stop ---------------------------------------------------------------------
