@@ -96,8 +96,8 @@ class WorkerState:
         # What it needs held at the end of a run (see Master._share); until its first ACK
         # says, what it first asked for.
         self.end_window = max(slots, credit)
-        # A send to it failed (its connection is gone): nothing more goes to it until it
-        # is heard from again, or a probe finds it lost.
+        # A send to it failed (its connection is gone): nothing more goes to it, until a
+        # probe finds it lost or it comes back with a fresh session (Master handles both).
         self.unreachable = False
 
     @property

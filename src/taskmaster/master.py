@@ -218,15 +218,18 @@ class Master:
             self.handle_ack(worker, message, now)
             if worker is None:
                 self.transport.send(identity, protocol.REHELLO_FRAME)
+            elif worker.unreachable:
+                self._heard_while_unreachable(worker, now)
         elif isinstance(message, protocol.Heartbeat):
             if worker is None:
                 self.transport.send(identity, protocol.REHELLO_FRAME)
                 return
             worker.last_seen = now
-            worker.unreachable = False
             worker.running_job = message.running_job
             worker.running_s = message.running_s
             worker.running_seen = now
+            if worker.unreachable:
+                self._heard_while_unreachable(worker, now)
         elif isinstance(message, protocol.Hello):
             self.handle_hello(identity, message, now)
         elif isinstance(message, protocol.Bye) and worker is not None:
@@ -319,7 +322,6 @@ class Master:
         if worker is not None:
             worker.done += acked_total
             worker.last_seen = now
-            worker.unreachable = False
             worker.credit += ack.credit
             if ack.end_window:
                 worker.end_window = ack.end_window
@@ -602,8 +604,10 @@ class Master:
     def _end_of_run(self) -> tuple[int, int] | None:
         """Once get_jobs is exhausted and several workers share the end: all their slots
         and all the jobs left (buffered, waiting to be sent again, or out); else None."""
+        if not self.feeder.exhausted:
+            return None
         reachable = [w for w in self.workers.values() if not w.unreachable]
-        if not self.feeder.exhausted or len(reachable) < 2:
+        if len(reachable) < 2:
             return None
         waiting = sum(len(c) for c in self.requeue) + sum(len(c) for c in self.suspects)
         left = self.feeder.buffered + self.in_flight + waiting + len(self.delayed)
@@ -639,7 +643,7 @@ class Master:
             # way, naming the job that killed it) or the network dropped it. Its leases stay
             # until one of those is known, or a probe finds it lost, so that a job that
             # killed it is not sent at once to the next worker as if innocent.
-            self.requeue.appendleft(chunk)
+            (self.suspects if suspect else self.requeue).appendleft(chunk)
             worker.unreachable = True
             self._probe(now)
             return False
@@ -662,6 +666,13 @@ class Master:
         frame = protocol.ping(self.epoch)
         for identity in list(self.workers):
             self.transport.send(identity, frame)
+
+    def _heard_while_unreachable(self, worker: WorkerState, now: float) -> None:
+        """A message from a worker a send to which failed: its connection came back (JOBS
+        sent on the old one may be lost, so it starts a fresh session, whose HELLO requeues
+        what it held), or it was a dead worker's last word (probe again)."""
+        if not self.transport.send(worker.identity, protocol.REHELLO_FRAME):
+            self._probe(now)
 
     def _probe(self, now: float) -> None:
         """A connection closed: ask every worker to answer now, and drop the ones that don't."""
