@@ -23,6 +23,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import closing
 
 Job = tuple[int, int]  # ids lo … hi-1
 
@@ -47,7 +48,7 @@ def target_path() -> str:
 
 
 def _id_range() -> tuple[int, int]:
-    with sqlite3.connect(f"file:{source_path()}?mode=ro", uri=True) as db:
+    with closing(sqlite3.connect(f"file:{source_path()}?mode=ro", uri=True)) as db:
         lo, hi = db.execute("SELECT min(id), max(id) FROM users").fetchone()
     return (0, 0) if lo is None else (lo, hi + 1)
 
@@ -112,7 +113,7 @@ def setup(rows: int = 1_000_000) -> None:
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(path + suffix):
                 os.unlink(path + suffix)
-    with sqlite3.connect(source_path()) as db:
+    with closing(sqlite3.connect(source_path())) as db, db:  # closed, and committed
         db.execute(
             "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT, email TEXT, created INTEGER)"
         )
@@ -128,7 +129,7 @@ def setup(rows: int = 1_000_000) -> None:
 
 def check() -> bool:
     """Compare every target row with the transformed source row; print the verdict."""
-    with sqlite3.connect(f"file:{source_path()}?mode=ro", uri=True) as db:
+    with closing(sqlite3.connect(f"file:{source_path()}?mode=ro", uri=True)) as db:
         db.execute("ATTACH DATABASE ? AS target", (f"file:{target_path()}?mode=ro",))
         (expected,) = db.execute("SELECT count(*) FROM users").fetchone()
         (migrated,) = db.execute("SELECT count(*) FROM target.users_v2").fetchone()

@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 from types import ModuleType
 
@@ -91,7 +92,7 @@ def test_hash_files_hashes_every_file_once_per_path(procs: Processes, tmp_path: 
     args = ("tm-run", example("hash_files.py"), "2", f"root={tree}", "--no-progress")
     result = procs.run(*args, env=env)
     assert result.returncode == 0, result.stderr
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn:
         rows = {p: (size, digest) for p, size, digest in conn.execute("SELECT * FROM hashes")}
     expected = {
         str(f): (f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest()) for f in files
@@ -99,7 +100,7 @@ def test_hash_files_hashes_every_file_once_per_path(procs: Processes, tmp_path: 
     assert rows == expected
     # Again from scratch: the same rows, not twice as many (INSERT OR REPLACE by path).
     assert procs.run(*args, "--reset", env=env).returncode == 0
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn:
         assert conn.execute("SELECT count(*) FROM hashes").fetchone()[0] == len(files)
 
 
