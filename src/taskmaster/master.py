@@ -17,7 +17,7 @@ import pickle
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import protocol
@@ -294,18 +294,13 @@ class Master:
         for seq, named in ranges.items():
             held = leases[seq]
             ids = held.within(named)
+            spans = [(ids.start, len(ids))] if isinstance(ids, range) else list(runs(ids))
             acked_total += len(ids)
-            if isinstance(ids, range):
-                newly_total += self._resolve_run(ids.start, len(ids))
-            else:
-                newly_total += self._resolve_ids(ids)
+            newly_total += self._resolve(spans)
             if worker is not None and held.worker == worker.identity and ids:
                 # Count what the lease had not heard of yet: a repeated report must not
                 # release the lease's other jobs.
-                if isinstance(ids, range):
-                    reported = held.report(ids.start, len(ids))
-                else:
-                    reported = sum(held.report(start, n) for start, n in runs(ids))
+                reported = sum(held.report(start, n) for start, n in spans)
                 if reported:
                     self._lease_progress(held, worker, reported)
         if late:
@@ -347,7 +342,7 @@ class Master:
             chunk = lease.chunk
             # One pass over the lease, whatever the message claims: its work is bounded by
             # what the worker holds, not by the frame.
-            wanted = set(ids_within(sorted(chunk.id_list()), ranges))
+            wanted = set(lease.within(ranges))
             if not wanted:
                 continue
             newly = 0
@@ -412,16 +407,15 @@ class Master:
                 return lease
         return None
 
-    def _resolve_run(self, first_id: int, count: int) -> int:
-        """Count jobs ``first_id`` … ``first_id + count - 1`` resolved; return how many were new."""
-        if self.retrying is not None:
-            return self._resolve_ids(range(first_id, first_id + count))
-        return self.completed.add(first_id, count)
-
-    def _resolve_ids(self, ids: Sequence[int]) -> int:
-        """Count ``ids`` (ascending) resolved; return how many were new."""
+    def _resolve(self, spans: Iterable[tuple[int, int]]) -> int:
+        """Count the jobs of ``spans`` ((first id, count) each) resolved; return how many were
+        new. A --retry-failed run resolves only the jobs it retries."""
         if self.retrying is None:
-            return sum(self.completed.add(start, n) for start, n in runs(ids))
+            return sum(self.completed.add(start, n) for start, n in spans)
+        return self._resolve_retried(i for start, n in spans for i in range(start, start + n))
+
+    def _resolve_retried(self, ids: Iterable[int]) -> int:
+        assert self.retrying is not None
         newly = 0
         for job_id in ids:
             if self.retrying.pop(job_id, None) is not None:
@@ -432,17 +426,12 @@ class Master:
 
     def _resolve_late(self, late: list[tuple[int, int]]) -> tuple[int, int]:
         """Reports for leases no longer held: (jobs reported, jobs newly resolved)."""
-        if self.retrying is None:
-            newly = sum(self.completed.add(start, end - start) for start, end in late)
-            return sum(end - start for start, end in late), newly
-        # A retry run resolves only the jobs it retries: walk the smaller of the two.
         spans = merged(late)
         reported = sum(end - start for start, end in spans)
-        if reported > len(self.retrying):
-            ids: Iterable[int] = ids_within(sorted(self.retrying), spans)
-        else:
-            ids = (i for start, end in spans for i in range(start, end))
-        return reported, self._resolve_ids(list(ids))
+        if self.retrying is not None and reported > len(self.retrying):
+            # Walk the smaller of the two: the retried jobs, not a million reported ids.
+            return reported, self._resolve_retried(ids_within(sorted(self.retrying), spans))
+        return reported, self._resolve((start, end - start) for start, end in spans)
 
     # -- failures ------------------------------------------------------------------------
 

@@ -161,10 +161,11 @@ def test_a_replaced_worker_comes_back_at_once_without_backoff(tmp_path: Path) ->
         stop_all(sup)
 
 
-def test_exit_replace_is_the_workers_timeout_status() -> None:
+def test_the_statuses_a_worker_exits_with_are_the_ones_the_supervisor_reads() -> None:
     from taskmaster import worker
 
     assert EXIT_REPLACE == worker.EXIT_TIMEOUT
+    assert EXIT_INIT_FAILED == worker.EXIT_INIT_FAILED
     assert worker.EXIT_GAVE_UP in supervisor_module.NO_RESTART
 
 
