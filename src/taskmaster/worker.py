@@ -59,6 +59,13 @@ PREFETCH_S = 0.2
 # The prefetch that just covers a round trip: what a worker needs held at the end of a run.
 ROUND_TRIP_S = 0.03
 HELLO_RETRY_S = 1.0
+# How often the I/O thread looks at the running job when --timeout is set. Otherwise it wakes
+# only for traffic and heartbeats, not 20 times a second per worker for nothing: each wake-up
+# takes the GIL from a running job (and a core from someone, on a machine full of idle
+# workers). The start of a job the serial executor runs is when this thread first sees its
+# id, so without --timeout a heartbeat's running time and the stuck test (GIVE_BACK_AFTER_S)
+# may be up to one heartbeat late.
+TIMEOUT_CHECK_S = 0.05
 # A slot whose job has run this long (and this many times the measured job time) is stuck:
 # it gets no prefetch, and the jobs queued behind the stuck slots go back to the master for
 # other workers when the free slots would not get through them soon (all of them when every
@@ -215,8 +222,7 @@ class Session(threading.Thread):
         try:
             self._send_hello(self.clock())
             while self.exit_status is None and not self.stop_requested:
-                timeout = max(0.0, min(self._next_heartbeat - self.clock(), 0.05))
-                readable = self.transport.poll(timeout)
+                readable = self.transport.poll(self._poll_timeout(self.clock()))
                 now = self.clock()
                 if readable:
                     for frame in self.transport.receive():
@@ -234,6 +240,13 @@ class Session(threading.Thread):
             self._give_up(EXIT_GAVE_UP, f"worker I/O failed: {exc}")
         finally:
             self.queue.close()
+
+    def _poll_timeout(self, now: float) -> float:
+        """How long to wait for traffic: until the next heartbeat, or a --timeout check."""
+        timeout = max(0.0, self._next_heartbeat - now)
+        if self.timeout_s is not None:
+            timeout = min(timeout, TIMEOUT_CHECK_S)
+        return timeout
 
     def _give_up(self, status: int, message: str) -> None:
         self.exit_status = status

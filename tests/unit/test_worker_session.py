@@ -485,6 +485,19 @@ def test_probe_brings_the_heartbeat_forward() -> None:
     assert len(transport.take(protocol.Heartbeat)) == 1
 
 
+def test_the_io_thread_sleeps_until_the_heartbeat_unless_jobs_have_a_timeout() -> None:
+    # Each wake-up takes the GIL from a running job: without --timeout only traffic (which
+    # wakes the poll by itself) and heartbeats need this thread.
+    session, _ = make_session()
+    welcome(session)
+    session._tick(session.clock())
+    assert session._poll_timeout(session.clock()) == pytest.approx(0.5)
+    session.clock.now += 0.2  # type: ignore[attr-defined]
+    assert session._poll_timeout(session.clock()) == pytest.approx(0.3)
+    welcome(session, config={**CONFIG, "timeout_s": 2.0})
+    assert session._poll_timeout(session.clock()) == worker_module.TIMEOUT_CHECK_S < 0.3
+
+
 @pytest.mark.parametrize("frame", [b"", b"\xc1", protocol.pack({"a": 1}), protocol.pack([])])
 def test_malformed_master_frames_are_ignored(frame: bytes) -> None:
     session, transport = make_session()
