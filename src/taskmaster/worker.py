@@ -150,6 +150,9 @@ class Session(threading.Thread):
         self._held_failures: list[tuple[int, int, str, str, str]] = []
         self._seen_id = -1
         self._seen_since = 0.0
+        # False while init_worker() runs: the session is up (HELLO, last words, heartbeats)
+        # but asks for no jobs yet.
+        self.ready = True
 
     # -- credit --------------------------------------------------------------------------
 
@@ -159,6 +162,8 @@ class Session(threading.Thread):
         Slots stuck in a long job count for the job they hold, not for prefetch: 49 hung
         threads of 50 must not keep a window of 1,000 jobs for the 50th.
         """
+        if not self.ready:
+            return 0
         if self.results.finished == self._stuck_at_finished:
             return self.slots  # no job ended since we gave jobs back: hold nothing more
         if self.job_time_s <= 0:
@@ -552,16 +557,13 @@ class Worker:
         self.executor = make_executor(handle_job, threads=threads, concurrency=concurrency)
 
     def run(self) -> int:
-        """Block until the run ends; return the process exit status."""
-        if self.init_worker is not None:
-            try:
-                self.init_worker()
-            except Exception as exc:
-                if self.init_failed_before:  # its traceback is in the log already
-                    logger.error("init_worker() failed again: %s: %s", type(exc).__name__, exc)
-                else:
-                    logger.exception("init_worker() failed")
-                return EXIT_INIT_FAILED
+        """Block until the run ends; return the process exit status.
+
+        The session with the master starts before ``init_worker()``, asking for no jobs until
+        it returns: a replacement says at once which job killed its predecessor (a slow
+        init_worker would otherwise say it after the master gave up waiting, and the job would
+        run again without being charged), and heartbeats show it alive meanwhile.
+        """
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -585,8 +587,16 @@ class Worker:
             wait_s=self.wait_s,
         )
         session.predecessor_died = self.predecessor_died
+        session.ready = self.init_worker is None
         session.start()
+        init_failed = False
         try:
+            if self.init_worker is not None:
+                if not self._init():
+                    init_failed = True
+                    return EXIT_INIT_FAILED
+                session.ready = True
+                wake()  # the I/O thread grants credit now
             self.executor.run(queue, results)
         finally:
             if self.leaving is not None:
@@ -604,7 +614,8 @@ class Worker:
             )
             with contextlib.suppress(Exception):
                 if session.exit_status is None and not run_over:
-                    transport.send(protocol.bye("interrupted"))
+                    reason = "init_worker() failed" if init_failed else "interrupted"
+                    transport.send(protocol.bye(reason))
                 # Nor does anything queued matter to a master that never welcomed us (say,
                 # one that failed to open its state file): leave at once rather than linger.
                 transport.close(linger_s=2.0 if session.welcomed and not run_over else 0.0)
@@ -614,3 +625,16 @@ class Worker:
         if status != EXIT_OK:
             raise WorkerGaveUp(session.exit_message or "the worker stopped")
         return status
+
+    def _init(self) -> bool:
+        """Run ``init_worker()``; say in the log why it failed (its traceback only once)."""
+        assert self.init_worker is not None
+        try:
+            self.init_worker()
+        except Exception as exc:
+            if self.init_failed_before:  # its traceback is in the log already
+                logger.error("init_worker() failed again: %s: %s", type(exc).__name__, exc)
+            else:
+                logger.exception("init_worker() failed")
+            return False
+        return True

@@ -368,6 +368,57 @@ def test_max_attempts_bounds_the_deliveries(procs: Processes, write_tasks, recor
     assert [(f["job_id"], f["error"], f["attempts"]) for f in failures] == [(3, "WorkerLost", 1)]
 
 
+def test_a_slow_init_worker_does_not_hide_which_job_killed_its_predecessor(
+    procs: Processes, write_tasks, record, env
+):
+    # init_worker outlasts the master's probe window (PROBE_WINDOW_S, 1 s): the replacement
+    # must name the job that killed its predecessor before init_worker, not after the master
+    # gave up on the dead worker and sent that job out again, uncharged.
+    write_tasks(
+        tasks(
+            """
+            def init_worker():
+                time.sleep(1.5)
+
+            def handle_job(job):
+                record(job)
+                if job == 7:
+                    os._exit(1)
+            """
+        )
+    )
+    result = procs.run(
+        "tm-run", "tasks.py", "2", "n=40", "--max-attempts", "2", "--no-progress", env=env
+    )
+    assert result.returncode == 1, result.stderr
+    ran = collections.Counter(read_record(record))
+    assert sorted(ran) == list(range(40))
+    assert ran[7] == 2, f"job 7 killed its worker {ran[7]} times; --max-attempts is 2"
+    failures = failures_json(procs, "tasks.py", "n=40")
+    assert [(f["job_id"], f["error"], f["attempts"]) for f in failures] == [(7, "WorkerLost", 2)]
+
+
+def test_a_failing_init_worker_says_bye(procs: Processes, write_tasks, record, env):
+    # Its session started before init_worker (see the test above): it leaves the master
+    # with a BYE that says why, not a silence the master must probe.
+    write_tasks(
+        tasks(
+            """
+            def init_worker():
+                raise RuntimeError("no database here")
+
+            def handle_job(job):
+                record(job)
+            """
+        )
+    )
+    run = procs.run(
+        "tm-run", "tasks.py", "1", "n=5", "--no-progress", "--log-level", "info", env=env
+    )
+    assert run.returncode == 1, run.stderr
+    assert "reason=init_worker() failed" in run.stderr, run.stderr
+
+
 def test_a_job_past_the_timeout_is_failed_and_its_worker_replaced(
     procs: Processes, write_tasks, record, env
 ):

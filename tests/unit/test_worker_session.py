@@ -205,6 +205,22 @@ def test_hello_grants_the_window() -> None:
     assert session.granted == 4
 
 
+def test_a_session_waiting_for_init_worker_says_hello_but_asks_for_nothing() -> None:
+    session, transport = make_session(slots=2)
+    session.ready = False
+    session.predecessor_died = (11, 7, 3)
+    session._send_hello(session.clock())
+    [hello] = transport.take(protocol.Hello)
+    assert hello.credit == 0 and hello.died is not None and hello.died[1:] == (7, 3)
+    welcome(session)
+    session._flush(session.clock())
+    assert transport.take(protocol.Ack) == []
+    session.ready = True  # init_worker returned
+    session._flush(session.clock())
+    [ack] = transport.take(protocol.Ack)
+    assert ack.credit == 4 and session.granted == 4
+
+
 def test_grant_tops_up_as_jobs_finish() -> None:
     session, transport = make_session(slots=1)
     session._send_hello(session.clock())
