@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import threading
 import time
@@ -153,7 +154,7 @@ class MasterTransport:
 
     def poll(self, timeout_s: float) -> None:
         """Block until a frame or a wake-up arrives, or the timeout passes."""
-        events = dict(self._poller.poll(max(0, int(timeout_s * 1000))))
+        events = dict(self._poller.poll(max(0, math.ceil(timeout_s * 1000))))
         with contextlib.suppress(BlockingIOError, OSError):
             os.read(self._wake_r, 4096)
         if self._monitor in events:
@@ -269,7 +270,7 @@ class WorkerTransport:
 
     def poll(self, timeout_s: float) -> bool:
         """Wait for traffic; return whether a frame from the master is readable."""
-        events = dict(self._poller.poll(max(0, int(timeout_s * 1000))))
+        events = dict(self._poller.poll(max(0, math.ceil(timeout_s * 1000))))
         if self._monitor in events:
             self._read_monitor()
         return self.socket in events

@@ -66,6 +66,9 @@ HELLO_RETRY_S = 1.0
 # id, so without --timeout a heartbeat's running time and the stuck test (GIVE_BACK_AFTER_S)
 # may be up to one heartbeat late.
 TIMEOUT_CHECK_S = 0.05
+# How long a replacement whose init_worker() failed waits for the master's WELCOME, so that
+# its last words and its BYE are delivered before it leaves.
+WELCOME_WAIT_S = 1.0
 # A slot whose job has run this long (and this many times the measured job time) is stuck:
 # it gets no prefetch, and the jobs queued behind the stuck slots go back to the master for
 # other workers when the free slots would not get through them soon (all of them when every
@@ -150,9 +153,11 @@ class Session(threading.Thread):
         self._held_failures: list[tuple[int, int, str, str, str]] = []
         self._seen_id = -1
         self._seen_since = 0.0
-        # False while init_worker() runs: the session is up (HELLO, last words, heartbeats)
-        # but asks for no jobs yet.
+        # False while init_worker() runs in a worker that had last words to say: the
+        # session is up (HELLO, heartbeats) but asks for no jobs yet, and --wait for a
+        # master counts from when it is ready, as it would if it had connected then.
         self.ready = True
+        self.welcome_heard = threading.Event()
 
     # -- credit --------------------------------------------------------------------------
 
@@ -248,7 +253,10 @@ class Session(threading.Thread):
 
     def _poll_timeout(self, now: float) -> float:
         """How long to wait for traffic: until the next heartbeat, or a --timeout check."""
-        timeout = max(0.0, self._next_heartbeat - now)
+        wake_at = self._next_heartbeat
+        if not self.welcomed:
+            wake_at = min(wake_at, self._last_hello + HELLO_RETRY_S)
+        timeout = max(0.0, wake_at - now)
         if self.timeout_s is not None:
             timeout = min(timeout, TIMEOUT_CHECK_S)
         return timeout
@@ -303,6 +311,7 @@ class Session(threading.Thread):
             logger.info("reconnected to a new master (epoch %d)", epoch)
         self.epoch = epoch
         self.welcomed = True
+        self.welcome_heard.set()
         self.predecessor_died = None  # told
         run = str(config.get("run", ""))
         held_acks, held_failures = self._held_acks, self._held_failures
@@ -425,13 +434,15 @@ class Session(threading.Thread):
             else:
                 self._contact_deadline = now + self.wait_s
         else:
+            if not self.ready:
+                self._contact_deadline = now + self.wait_s
             if now >= self._contact_deadline:
                 self._give_up(
                     EXIT_GAVE_UP,
                     f"no master answered at {self.transport.address} "
                     f"within --wait {self.wait_s:.0f}s",
                 )
-            elif now - self._last_hello > HELLO_RETRY_S:
+            elif now - self._last_hello >= HELLO_RETRY_S:
                 self._send_hello(now)
 
     def _give_back_if_stuck(self, now: float, running: dict[int, tuple[float, int]]) -> None:
@@ -559,11 +570,15 @@ class Worker:
     def run(self) -> int:
         """Block until the run ends; return the process exit status.
 
-        The session with the master starts before ``init_worker()``, asking for no jobs until
-        it returns: a replacement says at once which job killed its predecessor (a slow
-        init_worker would otherwise say it after the master gave up waiting, and the job would
-        run again without being charged), and heartbeats show it alive meanwhile.
+        ``init_worker()`` runs first, before any connection, except in a worker that
+        replaces one that died running a job: that one says which job in its HELLO before
+        init_worker runs (asking for no jobs until it returns), since a slow init_worker
+        would bring the news after the master gave up waiting and sent the job out again,
+        uncharged.
         """
+        last_words_first = self.init_worker is not None and self.predecessor_died is not None
+        if self.init_worker is not None and not last_words_first and not self._init():
+            return EXIT_INIT_FAILED
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -587,14 +602,17 @@ class Worker:
             wait_s=self.wait_s,
         )
         session.predecessor_died = self.predecessor_died
-        session.ready = self.init_worker is None
+        session.ready = not last_words_first
         session.start()
         init_failed = False
         try:
-            if self.init_worker is not None:
+            if last_words_first:
                 if not self._init():
                     init_failed = True
-                    return EXIT_INIT_FAILED
+                    # The last words must still reach the master: a connection closed
+                    # mid-handshake loses them (and looks like a stranger's to the master).
+                    session.welcome_heard.wait(WELCOME_WAIT_S)
+                    return EXIT_OK if session.exit_status == EXIT_OK else EXIT_INIT_FAILED
                 session.ready = True
                 wake()  # the I/O thread grants credit now
             self.executor.run(queue, results)

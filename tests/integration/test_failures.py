@@ -398,25 +398,39 @@ def test_a_slow_init_worker_does_not_hide_which_job_killed_its_predecessor(
     assert [(f["job_id"], f["error"], f["attempts"]) for f in failures] == [(7, "WorkerLost", 2)]
 
 
-def test_a_failing_init_worker_says_bye(procs: Processes, write_tasks, record, env):
-    # Its session started before init_worker (see the test above): it leaves the master
-    # with a BYE that says why, not a silence the master must probe.
+def test_a_replacement_whose_init_worker_fails_still_names_the_job(
+    procs: Processes, write_tasks, record, tmp_path, env
+):
+    # Job 7 kills its worker and breaks init_worker for every worker after it. Its
+    # replacement must deliver the last words (job 7 charged, not suspected) and leave with
+    # a BYE, not cut its connection mid-handshake.
+    marker = tmp_path / "broken"
     write_tasks(
         tasks(
-            """
+            f"""
             def init_worker():
-                raise RuntimeError("no database here")
+                if os.path.exists({str(marker)!r}):
+                    raise RuntimeError("no database here")
 
             def handle_job(job):
                 record(job)
+                if job == 7:
+                    open({str(marker)!r}, "w").close()
+                    os._exit(1)
             """
         )
     )
     run = procs.run(
-        "tm-run", "tasks.py", "1", "n=5", "--no-progress", "--log-level", "info", env=env
-    )
+        "tm-run", "tasks.py", "2", "n=60", "--max-attempts", "1", "--no-progress",
+        "--log-level", "info", env=env,
+    )  # fmt: skip
     assert run.returncode == 1, run.stderr
+    ran = collections.Counter(read_record(record))
+    assert sorted(ran) == list(range(60)) and ran[7] == 1
+    failures = failures_json(procs, "tasks.py", "n=60")
+    assert [(f["job_id"], f["error"], f["attempts"]) for f in failures] == [(7, "WorkerLost", 1)]
     assert "reason=init_worker() failed" in run.stderr, run.stderr
+    assert "CURVE handshake" not in run.stderr, run.stderr
 
 
 def test_a_job_past_the_timeout_is_failed_and_its_worker_replaced(

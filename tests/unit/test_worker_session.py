@@ -711,6 +711,34 @@ def test_silence_from_the_master_means_hello_again_then_give_up() -> None:
     assert session.exit_status == EXIT_GAVE_UP and "--wait 10s" in session.exit_message
 
 
+def test_wait_for_a_master_counts_from_the_end_of_init_worker() -> None:
+    session, _ = make_session(wait_s=10.0)
+    clock: FakeClock = session.clock  # type: ignore[assignment]
+    session.ready = False  # a replacement running init_worker, no master yet
+    session._send_hello(clock.now)
+    for _ in range(30):  # 15 s of init_worker: more than --wait
+        clock.now += 0.5
+        session._tick(clock.now)
+    assert session.exit_status is None
+    session.ready = True
+    clock.now += 9.0
+    session._tick(clock.now)
+    assert session.exit_status is None
+    clock.now += 1.5
+    session._tick(clock.now)
+    assert session.exit_status == EXIT_GAVE_UP
+
+
+def test_a_session_without_a_master_wakes_to_say_hello_again() -> None:
+    session, _ = make_session()
+    clock: FakeClock = session.clock  # type: ignore[assignment]
+    session._send_hello(clock.now)
+    session._next_heartbeat = clock.now + 5.0
+    assert session._poll_timeout(clock.now) == pytest.approx(HELLO_RETRY_S)
+    welcome(session)
+    assert session._poll_timeout(clock.now) == pytest.approx(5.0)
+
+
 def test_every_ack_fits_the_masters_frame_limit() -> None:
     session, transport = make_session(slots=8)
     session._send_hello(session.clock())
