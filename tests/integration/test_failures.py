@@ -417,6 +417,7 @@ def test_a_replacement_whose_init_worker_fails_still_names_the_job(
                 if job == 7:
                     open({str(marker)!r}, "w").close()
                     os._exit(1)
+                time.sleep(0.02)  # the run outlasts the replacement's start: it has a master
             """
         )
     )
