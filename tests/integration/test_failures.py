@@ -346,6 +346,17 @@ def test_a_job_that_kills_its_worker_is_failed_after_bounded_attempts(
     assert elapsed < 40, f"the run took {elapsed:.1f}s: crash-loop backoff or slow detection"
 
 
+def assert_killer_failed(procs: Processes, record: Path, n: int, job: int, attempts: int) -> None:
+    """Every job of range(n) ran; ``job`` killed its worker ``attempts`` times, and is
+    recorded as failed (WorkerLost) after exactly that many attempts."""
+    ran = collections.Counter(read_record(record))
+    assert sorted(ran) == list(range(n))
+    assert ran[job] == attempts, f"job {job} killed its worker {ran[job]} times, not {attempts}"
+    failures = failures_json(procs, "tasks.py", f"n={n}")
+    found = [(f["job_id"], f["error"], f["attempts"]) for f in failures]
+    assert found == [(job, "WorkerLost", attempts)]
+
+
 def test_max_attempts_bounds_the_deliveries(procs: Processes, write_tasks, record, env):
     write_tasks(
         tasks(
@@ -361,11 +372,7 @@ def test_max_attempts_bounds_the_deliveries(procs: Processes, write_tasks, recor
         "tm-run", "tasks.py", "1", "n=20", "--max-attempts", "1", "--no-progress", env=env
     )
     assert result.returncode == 1, result.stderr
-    ran = collections.Counter(read_record(record))
-    assert sorted(ran) == list(range(20))
-    assert ran[3] == 1, f"job 3 killed its worker {ran[3]} times; --max-attempts is 1"
-    failures = failures_json(procs, "tasks.py", "n=20")
-    assert [(f["job_id"], f["error"], f["attempts"]) for f in failures] == [(3, "WorkerLost", 1)]
+    assert_killer_failed(procs, record, n=20, job=3, attempts=1)
 
 
 def test_a_slow_init_worker_does_not_hide_which_job_killed_its_predecessor(
@@ -391,11 +398,7 @@ def test_a_slow_init_worker_does_not_hide_which_job_killed_its_predecessor(
         "tm-run", "tasks.py", "2", "n=40", "--max-attempts", "2", "--no-progress", env=env
     )
     assert result.returncode == 1, result.stderr
-    ran = collections.Counter(read_record(record))
-    assert sorted(ran) == list(range(40))
-    assert ran[7] == 2, f"job 7 killed its worker {ran[7]} times; --max-attempts is 2"
-    failures = failures_json(procs, "tasks.py", "n=40")
-    assert [(f["job_id"], f["error"], f["attempts"]) for f in failures] == [(7, "WorkerLost", 2)]
+    assert_killer_failed(procs, record, n=40, job=7, attempts=2)
 
 
 def test_a_replacement_whose_init_worker_fails_still_names_the_job(
@@ -426,10 +429,7 @@ def test_a_replacement_whose_init_worker_fails_still_names_the_job(
         "--log-level", "info", env=env,
     )  # fmt: skip
     assert run.returncode == 1, run.stderr
-    ran = collections.Counter(read_record(record))
-    assert sorted(ran) == list(range(60)) and ran[7] == 1
-    failures = failures_json(procs, "tasks.py", "n=60")
-    assert [(f["job_id"], f["error"], f["attempts"]) for f in failures] == [(7, "WorkerLost", 1)]
+    assert_killer_failed(procs, record, n=60, job=7, attempts=1)
     assert "reason=init_worker() failed" in run.stderr, run.stderr
     assert "CURVE handshake" not in run.stderr, run.stderr
 
