@@ -576,8 +576,10 @@ class Worker:
         would bring the news after the master gave up waiting and sent the job out again,
         uncharged.
         """
-        last_words_first = self.init_worker is not None and self.predecessor_died is not None
-        if self.init_worker is not None and not last_words_first and not self._init():
+        replacing = self.predecessor_died is not None
+        init_now = None if replacing else self.init_worker
+        init_after_hello = self.init_worker if replacing else None
+        if init_now is not None and not self._init(init_now):
             return EXIT_INIT_FAILED
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -602,12 +604,12 @@ class Worker:
             wait_s=self.wait_s,
         )
         session.predecessor_died = self.predecessor_died
-        session.ready = not last_words_first
+        session.ready = init_after_hello is None
         session.start()
         init_failed = False
         try:
-            if last_words_first:
-                if not self._init():
+            if init_after_hello is not None:
+                if not self._init(init_after_hello):
                     init_failed = True
                     # The last words must still reach the master: a connection closed
                     # mid-handshake loses them (and looks like a stranger's to the master).
@@ -644,11 +646,10 @@ class Worker:
             raise WorkerGaveUp(session.exit_message or "the worker stopped")
         return status
 
-    def _init(self) -> bool:
+    def _init(self, init_worker: Callable[[], Any]) -> bool:
         """Run ``init_worker()``; say in the log why it failed (its traceback only once)."""
-        assert self.init_worker is not None
         try:
-            self.init_worker()
+            init_worker()
         except Exception as exc:
             if self.init_failed_before:  # its traceback is in the log already
                 logger.error("init_worker() failed again: %s: %s", type(exc).__name__, exc)
