@@ -197,14 +197,6 @@ class JobQueue:
         with self._claims:
             self._running = None
 
-    def clear(self) -> int:
-        """Drop batches not yet started; return how many jobs were dropped."""
-        with self._cond:
-            dropped = sum(b.count for b in self._batches)
-            self._batches.clear()
-            self.queued_jobs = 0
-            return dropped
-
     def close(self) -> None:
         with self._cond:
             self._closed = True

@@ -110,6 +110,10 @@ class MasterTransport:
         self._secure(sock, keys)
         sock.setsockopt(zmq.MAXMSGSIZE, MASTER_MAX_MSG_BYTES)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A worker whose connection broke reconnects under the same identity, possibly before
+        # this side has seen the old connection die (a vanished NAT entry, a pulled cable):
+        # it takes its identity over at once, rather than being refused until TCP gives up.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         sock.sndhwm = 0
         sock.rcvhwm = 0
@@ -257,6 +261,8 @@ class WorkerTransport:
         self.refused = False
         self.handshakes = 0
         self.connected_at: float | None = None
+        # Established connections lost: what the master sent on one may never arrive.
+        self.resets = 0
 
     @staticmethod
     def _secure(sock: zmq.Socket[bytes], keys: Keys) -> None:
@@ -295,6 +301,8 @@ class WorkerTransport:
             self.handshakes += 1
             self.connected_at = time.monotonic()
         elif event == zmq.EVENT_DISCONNECTED:
+            if self.connected_at is not None:
+                self.resets += 1
             self.connected_at = None
             if self._pending_connect:
                 self._pending_connect = False

@@ -158,6 +158,7 @@ class Session(threading.Thread):
         # master counts from when it is ready, as it would if it had connected then.
         self.ready = True
         self.welcome_heard = threading.Event()
+        self._resets_seen = 0  # transport.resets when the master last welcomed us
 
     # -- credit --------------------------------------------------------------------------
 
@@ -237,6 +238,7 @@ class Session(threading.Thread):
                 if readable:
                     for frame in self.transport.receive():
                         self.handle(frame, now)
+                self._check_reset(now)
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(self._wake_fd, 4096)
                 self._flush(now)
@@ -250,6 +252,13 @@ class Session(threading.Thread):
             self._give_up(EXIT_GAVE_UP, f"worker I/O failed: {exc}")
         finally:
             self.queue.close()
+
+    def _check_reset(self, now: float) -> None:
+        """After the connection to the master broke, start a fresh session: what either
+        side sent on the old one may be lost (JOBS the master would hold as ours forever,
+        credit we would wait on), and the master requeues what we held when we say HELLO."""
+        if self.welcomed and self.transport.resets != self._resets_seen:
+            self._lost_master(now, "the connection to the master was reset", at_once=True)
 
     def _poll_timeout(self, now: float) -> float:
         """How long to wait for traffic: until the next heartbeat, or a --timeout check."""
@@ -312,6 +321,7 @@ class Session(threading.Thread):
         self.epoch = epoch
         self.welcomed = True
         self.welcome_heard.set()
+        self._resets_seen = self.transport.resets
         self.predecessor_died = None  # told
         run = str(config.get("run", ""))
         held_acks, held_failures = self._held_acks, self._held_failures
@@ -330,14 +340,16 @@ class Session(threading.Thread):
         timeout = config.get("timeout_s")
         self.timeout_s = float(timeout) if timeout else None
 
-    def _lost_master(self, now: float, why: str) -> None:
-        """Forget what the old master sent but we have not started, and say HELLO again."""
+    def _lost_master(self, now: float, why: str, *, at_once: bool = False) -> None:
+        """Forget what the old master sent but we have not started, and say HELLO again
+        (``at_once``: now, not HELLO_RETRY_S after the last one; it goes out on reconnect)."""
         if self.welcomed:
             logger.warning("%s: waiting up to %.0fs for a master", why, self.wait_s)
         self.welcomed = False
-        self.dropped += self.queue.clear()
+        # The rest of the running batch too: the master sends it all out again.
+        self.dropped += sum(batch.count - offset for batch, offset in self.queue.take_back())
         self._contact_deadline = now + self.wait_s
-        if now - self._last_hello >= HELLO_RETRY_S:
+        if at_once or now - self._last_hello >= HELLO_RETRY_S:
             self._send_hello(now)
 
     def _send_hello(self, now: float) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Processes, read_record, wait_until
+from tests.proxy import ResettingProxy
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -432,6 +433,53 @@ def test_a_replacement_whose_init_worker_fails_still_names_the_job(
     assert_killer_failed(procs, record, n=60, job=7, attempts=1)
     assert "reason=init_worker() failed" in run.stderr, run.stderr
     assert "CURVE handshake" not in run.stderr, run.stderr
+
+
+def test_connection_resets_lose_no_job_and_stall_nothing(
+    procs: Processes, write_tasks, record, env, endpoint: str, logs, tmp_path: Path
+):
+    # Each reset drops what was in flight both ways: JOBS the master counts as the worker's,
+    # credit the worker counts as granted. Both sides see the connection die, the worker
+    # reconnects and nobody is lost, so only a fresh session brings those jobs back.
+    write_tasks(
+        tasks(
+            """
+            def handle_job(job):
+                record(job)
+                time.sleep(0.002)
+            """
+        )
+    )
+    n = 3000
+
+    def fresh_jobs_by_worker(since: float) -> int:
+        started = collections.Counter(pid for _, pid, at in records(record) if at > since)
+        return min(started.values()) if len(started) == 2 else 0
+
+    master = procs.start(
+        "tm-master", "tasks.py", f"n={n}", "--address", endpoint, "--no-progress",
+        env=env, stderr=logs("master.log"),
+    )  # fmt: skip
+    proxy = ResettingProxy(int(endpoint.rsplit(":", 1)[1]))
+    try:
+        spawn = procs.start(
+            "tm-spawn", "tasks.py", "2", "--address", f"tcp://127.0.0.1:{proxy.port}",
+            env=env, stderr=logs("spawn.log"),
+        )  # fmt: skip
+        last_reset = 0.0
+        for _ in range(6):
+            # Both workers got jobs again: their new sessions are up, past the handshake (a
+            # reset in a handshake looks like a master with another secret, and counts so).
+            wait_until(lambda since=last_reset: fresh_jobs_by_worker(since) >= 30, timeout=30)
+            proxy.reset(swallow_s=0.2)  # JOBS sent meanwhile are lost with the connection
+            last_reset = time.time()
+        assert len(read_record(record)) < n, "the resets must come while the run goes on"
+        assert master.wait(timeout=60) == 0, (tmp_path / "master.log").read_text()[-3000:]
+        assert spawn.wait(timeout=30) == 0, (tmp_path / "spawn.log").read_text()[-3000:]
+    finally:
+        proxy.close()
+    assert sorted(set(read_record(record))) == list(range(n)), "no job lost"
+    assert "the connection to the master was reset" in (tmp_path / "spawn.log").read_text()
 
 
 def test_a_job_past_the_timeout_is_failed_and_its_worker_replaced(

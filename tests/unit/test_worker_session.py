@@ -47,6 +47,7 @@ class FakeWorkerTransport:
     """What a Session needs of a WorkerTransport; sent frames are decoded as the master would."""
 
     address = "tcp://127.0.0.1:1"
+    resets = 0
 
     def __init__(self) -> None:
         self.sent: list[protocol.WorkerMessage] = []
@@ -280,7 +281,7 @@ def test_credit_accounting_over_a_random_conversation() -> None:
                 session.results.finished += done
                 session.results.busy_s += done * rng.choice([0.0001, 0.001, 0.01])
         if rng.random() < 0.02:
-            session.dropped += session.queue.clear()
+            session.dropped += sum(b.count - o for b, o in session.queue.take_back())
         session._flush(clock())
         peak_window = max(peak_window, session.window())
         for ack in transport.take(protocol.Ack):
@@ -739,6 +740,24 @@ def test_a_session_without_a_master_wakes_to_say_hello_again() -> None:
     assert session._poll_timeout(clock.now) == pytest.approx(5.0)
 
 
+def test_a_reset_connection_starts_a_fresh_session_at_once() -> None:
+    session, transport = holding_jobs(slots=1, n=10)
+    session._check_reset(session.clock())
+    assert session.welcomed and transport.take(protocol.Hello) == [], "no reset: nothing"
+    started = session.queue.get(0)
+    assert started is not None
+    session.queue.start(started)
+    session.queue.claim(1)  # job 0 runs; jobs 1-9 may have been lost with their master
+    transport.resets += 1
+    session._check_reset(session.clock())  # well within HELLO_RETRY_S of the first HELLO
+    assert not session.welcomed
+    [hello] = transport.take(protocol.Hello)
+    assert session.dropped == 9 and hello.credit == session.window() - 1, "job 0 still held"
+    welcome(session)
+    session._check_reset(session.clock())
+    assert transport.take(protocol.Hello) == [], "the new session is on the new connection"
+
+
 def test_every_ack_fits_the_masters_frame_limit() -> None:
     session, transport = make_session(slots=8)
     session._send_hello(session.clock())
@@ -1092,6 +1111,7 @@ def test_job_queue_get_times_out_and_close_ends_it() -> None:
     assert queue.get(0) is None
     queue.put(Batch(1, 0, [b"x", b"y"]))
     queue.put(Batch(2, 2, [b"z"]))
-    assert queue.clear() == 3
+    assert [(batch.seq, offset) for batch, offset in queue.take_back()] == [(1, 0), (2, 0)]
+    assert queue.get(0) is None, "taken back: nothing left to run"
     queue.close()
     assert queue.get() is None and queue.closed
