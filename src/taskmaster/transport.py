@@ -306,7 +306,7 @@ class WorkerTransport:
             self.connected_at = None
             if self._pending_connect:
                 self._pending_connect = False
-                self.failed_handshakes += 1
+                self._handshake_failed()
         elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             # The master (it holds the key we pinned) rejected our key through ZAP. libzmq does
             # not reconnect after that, so waiting for more failures would wait forever.
@@ -317,6 +317,13 @@ class WorkerTransport:
             # A master with another secret cannot decrypt our HELLO and hangs up: libzmq
             # reports that here, then reconnects, so a few in a row mean a wrong secret.
             self._pending_connect = False
+            self._handshake_failed()
+
+    def _handshake_failed(self) -> None:
+        # Once a handshake with this master's key succeeded, the secret is right: a link that
+        # drops connections mid-handshake is a bad network, left to --wait, not a reason to
+        # give up at once saying the secret is wrong.
+        if self.handshakes == 0:
             self.failed_handshakes += 1
 
     def receive(self) -> Iterator[bytes]:

@@ -158,7 +158,10 @@ class Session(threading.Thread):
         # master counts from when it is ready, as it would if it had connected then.
         self.ready = True
         self.welcome_heard = threading.Event()
-        self._resets_seen = 0  # transport.resets when the master last welcomed us
+        # transport.resets when we last said HELLO, and as of the session the master last
+        # welcomed (a WELCOME read with a reset means the HELLO was before it: not as of now).
+        self._resets_at_hello = 0
+        self._resets_seen = 0
 
     # -- credit --------------------------------------------------------------------------
 
@@ -257,7 +260,8 @@ class Session(threading.Thread):
         """After the connection to the master broke, start a fresh session: what either
         side sent on the old one may be lost (JOBS the master would hold as ours forever,
         credit we would wait on), and the master requeues what we held when we say HELLO."""
-        if self.welcomed and self.transport.resets != self._resets_seen:
+        reset = self.transport.resets != self._resets_seen
+        if reset and self.welcomed and self.exit_status is None:  # (not the end of a run)
             self._lost_master(now, "the connection to the master was reset", at_once=True)
 
     def _poll_timeout(self, now: float) -> float:
@@ -321,7 +325,7 @@ class Session(threading.Thread):
         self.epoch = epoch
         self.welcomed = True
         self.welcome_heard.set()
-        self._resets_seen = self.transport.resets
+        self._resets_seen = self._resets_at_hello
         self.predecessor_died = None  # told
         run = str(config.get("run", ""))
         held_acks, held_failures = self._held_acks, self._held_failures
@@ -362,6 +366,7 @@ class Session(threading.Thread):
         )
         self.transport.send(hello)
         self._last_hello = now
+        self._resets_at_hello = self.transport.resets
 
     def _flush(self, now: float) -> None:
         """Send finished jobs and fresh credit in one ACK."""

@@ -758,6 +758,26 @@ def test_a_reset_connection_starts_a_fresh_session_at_once() -> None:
     assert transport.take(protocol.Hello) == [], "the new session is on the new connection"
 
 
+def test_a_reset_read_with_the_welcome_still_starts_a_fresh_session() -> None:
+    # The connection died after carrying the WELCOME: JOBS sent after it may be lost.
+    session, transport = make_session()
+    session._send_hello(session.clock())
+    transport.resets += 1  # read from the monitor in the same poll as the WELCOME
+    welcome(session)
+    session._check_reset(session.clock())
+    assert not session.welcomed and len(transport.take(protocol.Hello)) == 2
+
+
+def test_no_fresh_session_after_the_run_is_over() -> None:
+    session, transport = make_session()
+    session._send_hello(session.clock())
+    welcome(session)
+    session.handle(protocol.END_FRAME, session.clock())
+    transport.resets += 1  # the master closed its socket after END
+    session._check_reset(session.clock())
+    assert session.welcomed and len(transport.take(protocol.Hello)) == 1
+
+
 def test_every_ack_fits_the_masters_frame_limit() -> None:
     session, transport = make_session(slots=8)
     session._send_hello(session.clock())
