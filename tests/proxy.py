@@ -22,7 +22,6 @@ class ResettingProxy:
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
-        self.accepted = 0
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
@@ -30,11 +29,6 @@ class ResettingProxy:
         self._swallow_until = 0.0
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
         self._threads[0].start()
-
-    @property
-    def connections(self) -> int:
-        with self._lock:
-            return len(self._pairs)
 
     def reset(self, swallow_s: float = 0.0) -> None:
         if swallow_s > 0:
@@ -68,7 +62,6 @@ class ResettingProxy:
                 continue
             with self._lock:
                 self._pairs.append((client, upstream))
-                self.accepted += 1
             thread = threading.Thread(target=self._pump, args=(client, upstream), daemon=True)
             self._threads.append(thread)
             thread.start()

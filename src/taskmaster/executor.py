@@ -170,6 +170,10 @@ class JobQueue:
             self.queued_jobs = 0
         return taken
 
+    def drop_unstarted(self) -> int:
+        """Take back every job not started (see take_back) and return how many."""
+        return sum(batch.count - offset for batch, offset in self.take_back())
+
     # The executor's side of take_back(): it starts a batch, claims its jobs in order before
     # running them, and finishes it.
 

@@ -351,7 +351,7 @@ class Session(threading.Thread):
             logger.warning("%s: waiting up to %.0fs for a master", why, self.wait_s)
         self.welcomed = False
         # The rest of the running batch too: the master sends it all out again.
-        self.dropped += sum(batch.count - offset for batch, offset in self.queue.take_back())
+        self.dropped += self.queue.drop_unstarted()
         self._contact_deadline = now + self.wait_s
         if at_once or now - self._last_hello >= HELLO_RETRY_S:
             self._send_hello(now)
